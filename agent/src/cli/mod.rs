@@ -1,0 +1,90 @@
+//! The command line: one subcommand per module, each with its own argument
+//! struct and `run` function. Output is a table (or text) by default and JSON
+//! with `--json`, per INTERFACE.md.
+
+mod ps;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Diagnose running Python processes from the outside: stacks, deadlocks,
+/// profiles, leaks; then propose reviewed, reversible fixes.
+#[derive(Debug, Parser)]
+#[command(name = "pymedic", version, propagate_version = true)]
+pub struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List the Python processes on this host (or watch them come and go).
+    Ps(ps::PsArgs),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Ps(args) => ps::run(args),
+    }
+}
+
+/// Sets up `tracing` on stderr.
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Exit status for an error: 2 for bad input (missing process, not Python,
+/// unsupported), 77 for missing privileges (EX_NOPERM), 1 otherwise.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    use pymedic_python::InspectError;
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<InspectError>() {
+            return match e {
+                InspectError::PermissionDenied { .. } => 77,
+                _ => 2,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<crate::bpf::BpfError>()
+            && e.is_permission()
+        {
+            return 77;
+        }
+    }
+    1
+}
+
+/// Builds a tokio runtime for commands that need one.
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context as _;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+/// Prints a value as pretty JSON on stdout.
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! pymedic: diagnoses running Python processes from the outside.
+//!
+//! See `ARCHITECTURE.md` at the repository root for the map of modules and
+//! how data flows between them.
+
+pub mod bpf;
+pub mod cgroup;
+pub mod cli;
+pub mod discovery;
+pub mod procinfo;
