@@ -104,7 +104,10 @@ mod tests {
 
     #[test]
     fn crio_and_its_conmon() {
-        let base = format!("0::/kubepods.slice/kubepods-pod{}.slice", UID.replace('-', "_"));
+        let base = format!(
+            "0::/kubepods.slice/kubepods-pod{}.slice",
+            UID.replace('-', "_")
+        );
         let info = parse(&format!("{base}/crio-{ID}.scope\n"));
         assert_eq!(info.container.as_deref(), Some(ID));
         assert_eq!(info.pod.as_deref(), Some(UID));
@@ -123,18 +126,22 @@ mod tests {
 
     #[test]
     fn hybrid_v1_lines() {
-        let text = format!(
-            "12:pids:/docker/{ID}\n11:memory:/docker/{ID}\n0::/\n"
-        );
+        let text = format!("12:pids:/docker/{ID}\n11:memory:/docker/{ID}\n0::/\n");
         assert_eq!(parse(&text).container.as_deref(), Some(ID));
     }
 
     #[test]
     fn host_processes_have_neither() {
-        assert_eq!(parse("0::/user.slice/user-0.slice/session-3.scope\n"), CgroupInfo::default());
+        assert_eq!(
+            parse("0::/user.slice/user-0.slice/session-3.scope\n"),
+            CgroupInfo::default()
+        );
         assert_eq!(parse("0::/init.scope\n"), CgroupInfo::default());
         assert_eq!(parse(""), CgroupInfo::default());
         // A pod-looking word that is not a UUID.
-        assert_eq!(parse("0::/system.slice/podman.service\n"), CgroupInfo::default());
+        assert_eq!(
+            parse("0::/system.slice/podman.service\n"),
+            CgroupInfo::default()
+        );
     }
 }

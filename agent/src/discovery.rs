@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use aya::Ebpf;
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use pymedic_common::discovery::{
-    ERRORS_MAP, GLOBAL_NEWTASK_CLONE_FLAGS_OFF, GLOBAL_NEWTASK_PID_OFF, PROC_EVENTS_MAP,
-    ProcEvent, ProcEventKind, TRACKED_MAP,
+    ERRORS_MAP, GLOBAL_NEWTASK_CLONE_FLAGS_OFF, GLOBAL_NEWTASK_PID_OFF, PROC_EVENTS_MAP, ProcEvent,
+    ProcEventKind, TRACKED_MAP,
 };
-use pymedic_python::inspect::{InspectError, Inspector};
 use pymedic_python::PythonProcess;
+use pymedic_python::inspect::{InspectError, Inspector};
 use tokio::io::unix::AsyncFd;
 
 use crate::bpf::{self, BpfError, objects, tracefs};
@@ -91,9 +91,21 @@ impl Discovery {
             l.override_global(GLOBAL_NEWTASK_PID_OFF, &pid_off, true);
             l.override_global(GLOBAL_NEWTASK_CLONE_FLAGS_OFF, &flags_off, true);
         })?;
-        bpf::attach_tracepoint(&mut bpf, OBJECT, "sched_process_exec", "sched", "sched_process_exec")?;
+        bpf::attach_tracepoint(
+            &mut bpf,
+            OBJECT,
+            "sched_process_exec",
+            "sched",
+            "sched_process_exec",
+        )?;
         bpf::attach_tracepoint(&mut bpf, OBJECT, "task_newtask", "task", "task_newtask")?;
-        bpf::attach_tracepoint(&mut bpf, OBJECT, "sched_process_exit", "sched", "sched_process_exit")?;
+        bpf::attach_tracepoint(
+            &mut bpf,
+            OBJECT,
+            "sched_process_exit",
+            "sched",
+            "sched_process_exit",
+        )?;
 
         let ring_map = bpf.take_map(PROC_EVENTS_MAP).ok_or(BpfError::MissingMap {
             object: OBJECT,
@@ -101,7 +113,7 @@ impl Discovery {
         })?;
         let ring = RingBuf::try_from(ring_map).map_err(|source| BpfError::Map {
             map: PROC_EVENTS_MAP,
-            source,
+            source: Box::new(source),
         })?;
         // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged,
         // for as long as the AsyncFd owns the RingBuf.
@@ -116,7 +128,7 @@ impl Discovery {
         })?;
         let tracked_map = BpfHashMap::try_from(tracked_map).map_err(|source| BpfError::Map {
             map: TRACKED_MAP,
-            source,
+            source: Box::new(source),
         })?;
 
         let mut d = Discovery {
@@ -203,7 +215,8 @@ impl Discovery {
     fn forget(&mut self, pid: u32) {
         if let Some(start_ticks) = self.tracked.remove(&pid) {
             let _ = self.tracked_map.remove(&pid);
-            self.ready.push_back(ProcessEvent::Exited { pid, start_ticks });
+            self.ready
+                .push_back(ProcessEvent::Exited { pid, start_ticks });
         }
     }
 
@@ -290,7 +303,8 @@ impl Discovery {
                         // SAFETY: the kernel side writes a whole ProcEvent
                         // (checked length); read_unaligned copes with any
                         // alignment of the ring buffer slot.
-                        let ev = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ProcEvent>()) };
+                        let ev =
+                            unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ProcEvent>()) };
                         events.push(ev);
                     }
                 }

@@ -140,7 +140,11 @@ pub fn human_bytes(bytes: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 #[cfg(test)]
@@ -165,7 +169,11 @@ mod tests {
         assert!(me.threads >= 1);
         assert!(me.rss_bytes > 0);
         assert!(me.start_ticks > 0);
-        assert!(thread_ids(std::process::id()).unwrap().contains(&std::process::id()));
+        assert!(
+            thread_ids(std::process::id())
+                .unwrap()
+                .contains(&std::process::id())
+        );
     }
 
     #[test]

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().expect("repo root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .expect("repo root")
 }
 
 /// A scenario script under `tests/scripts/`.
@@ -63,7 +66,8 @@ pub fn require_root(test: &str) -> bool {
     if euid == 0 {
         return true;
     }
-    let why = format!("{test}: skipped: needs root (eBPF, reading other processes' memory); euid={euid}");
+    let why =
+        format!("{test}: skipped: needs root (eBPF, reading other processes' memory); euid={euid}");
     if under_ci() {
         panic!("{why} (CI=true: a skipped privileged test is a failure)");
     }
@@ -120,7 +124,9 @@ pub fn pythons() -> Vec<Python> {
             let (Some("3"), Some(minor)) = (parts.next(), parts.next()) else {
                 continue;
             };
-            let Ok(minor) = minor.parse::<u8>() else { continue };
+            let Ok(minor) = minor.parse::<u8>() else {
+                continue;
+            };
             if !(8..=13).contains(&minor) {
                 continue;
             }

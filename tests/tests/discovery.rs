@@ -25,10 +25,10 @@ impl Watcher {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str(&line) {
-                    if tx.send(v).is_err() {
-                        break;
-                    }
+                if let Ok(v) = serde_json::from_str(&line)
+                    && tx.send(v).is_err()
+                {
+                    break;
                 }
             }
         });
@@ -69,17 +69,29 @@ fn start_and_exit_reported_within_one_second() {
         let mut proc = PyProc::start(&py, "idle.py", &[]);
         let (ev, seen) = watcher.wait_for("started", proc.pid(), Duration::from_secs(5));
         let latency = seen - spawned;
-        assert!(latency < Duration::from_secs(1), "{}: start seen after {latency:?}", py.label);
+        assert!(
+            latency < Duration::from_secs(1),
+            "{}: start seen after {latency:?}",
+            py.label
+        );
         assert_eq!(ev["via"], "exec", "{}: {ev}", py.label);
         let version = ev["process"]["python"].as_str().unwrap_or_default();
-        assert!(version.starts_with(&format!("3.{}", py.minor)), "{}: {ev}", py.label);
+        assert!(
+            version.starts_with(&format!("3.{}", py.minor)),
+            "{}: {ev}",
+            py.label
+        );
 
         let killed = Instant::now();
         let pid = proc.pid();
         proc.kill();
         let (_, seen) = watcher.wait_for("exited", pid, Duration::from_secs(5));
         let latency = seen - killed;
-        assert!(latency < Duration::from_secs(1), "{}: exit seen after {latency:?}", py.label);
+        assert!(
+            latency < Duration::from_secs(1),
+            "{}: exit seen after {latency:?}",
+            py.label
+        );
     }
 }
 

@@ -13,7 +13,11 @@ fn ps_lists_every_interpreter_with_version_and_build() {
         .map(|py| PyProc::start(py, "idle.py", &[]))
         .collect();
     let out = pymedic(&["ps", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rows = json_stdout(&out);
     let rows = rows.as_array().expect("array");
     for p in &procs {
@@ -27,9 +31,17 @@ fn ps_lists_every_interpreter_with_version_and_build() {
             "{}: version {version}",
             p.python.label
         );
-        let expected_build = if p.python.label.ends_with("-debian") { "static" } else { "shared" };
+        let expected_build = if p.python.label.ends_with("-debian") {
+            "static"
+        } else {
+            "shared"
+        };
         assert_eq!(row["build"], expected_build, "{}", p.python.label);
-        assert!(row["threads"].as_u64().unwrap() >= 4, "{}: {row}", p.python.label);
+        assert!(
+            row["threads"].as_u64().unwrap() >= 4,
+            "{}: {row}",
+            p.python.label
+        );
         assert!(row["rss_bytes"].as_u64().unwrap() > 1 << 20);
         assert!(row["exe"].as_str().unwrap().contains("python3"));
     }

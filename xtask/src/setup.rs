@@ -12,9 +12,15 @@ use crate::cmd::{self, have, output, workspace_root};
 /// Debian packages the build and the tests use.
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("llvm-22-dev", "bpf-linker links against LLVM 22"),
-    ("libpolly-22-dev", "LLVM 22's Polly, needed to link bpf-linker"),
+    (
+        "libpolly-22-dev",
+        "LLVM 22's Polly, needed to link bpf-linker",
+    ),
     ("protobuf-compiler", "protoc, for the proto drift test"),
-    ("golang-go", "`go tool pprof` validates pprof output in tests"),
+    (
+        "golang-go",
+        "`go tool pprof` validates pprof output in tests",
+    ),
     ("python3-venv", "the test tools' virtualenv"),
     ("python3-dev", "headers for Python test dependencies"),
 ];
@@ -62,7 +68,10 @@ fn setup_steps(verbose: bool) -> anyhow::Result<Vec<String>> {
             println!("         {p}: {why}");
         }
         if !is_root() {
-            bail!("installing apt packages needs root: run `sudo apt-get install {}`", missing.join(" "));
+            bail!(
+                "installing apt packages needs root: run `sudo apt-get install {}`",
+                missing.join(" ")
+            );
         }
         cmd::run(Command::new("apt-get").args(["update", "-qq"]))?;
         cmd::run(
@@ -75,7 +84,8 @@ fn setup_steps(verbose: bool) -> anyhow::Result<Vec<String>> {
     }
 
     // 2. Rust toolchains and components.
-    let stable_components = output("rustup", &["component", "list", "--installed"]).unwrap_or_default();
+    let stable_components =
+        output("rustup", &["component", "list", "--installed"]).unwrap_or_default();
     for comp in ["rustfmt", "clippy"] {
         if !stable_components.lines().any(|l| l.starts_with(comp)) {
             println!("setup: rustup component add {comp}");
@@ -83,13 +93,24 @@ fn setup_steps(verbose: bool) -> anyhow::Result<Vec<String>> {
             did.push(format!("rustup: {comp}"));
         }
     }
-    let nightly = output("rustup", &["component", "list", "--toolchain", "nightly", "--installed"]);
+    let nightly = output(
+        "rustup",
+        &["component", "list", "--toolchain", "nightly", "--installed"],
+    );
     match nightly {
-        Some(list) if list.lines().any(|l| l.starts_with("rust-src")) => say("nightly + rust-src: present"),
+        Some(list) if list.lines().any(|l| l.starts_with("rust-src")) => {
+            say("nightly + rust-src: present")
+        }
         _ => {
             println!("setup: installing nightly toolchain with rust-src (eBPF build-std=core)");
             cmd::run(Command::new("rustup").args([
-                "toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src",
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
             ]))?;
             did.push("rustup: nightly + rust-src".into());
         }
@@ -102,18 +123,23 @@ fn setup_steps(verbose: bool) -> anyhow::Result<Vec<String>> {
         println!("setup: building bpf-linker against LLVM 22 (about a minute)");
         let prefix = output("llvm-config-22", &["--prefix"])
             .context("llvm-config-22 not found (is llvm-22-dev installed?)")?;
-        cmd::run(
-            cmd::cargo()
-                .env("LLVM_PREFIX", prefix.trim())
-                .args(["install", "--locked", "bpf-linker", "--no-default-features", "--features", "llvm-22"]),
-        )
+        cmd::run(cmd::cargo().env("LLVM_PREFIX", prefix.trim()).args([
+            "install",
+            "--locked",
+            "bpf-linker",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ]))
         .or_else(|_| {
             // --locked may pin crates that do not build here; retry unlocked.
-            cmd::run(
-                cmd::cargo()
-                    .env("LLVM_PREFIX", prefix.trim())
-                    .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"]),
-            )
+            cmd::run(cmd::cargo().env("LLVM_PREFIX", prefix.trim()).args([
+                "install",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ]))
         })?;
         did.push("cargo install bpf-linker".into());
     }
@@ -127,9 +153,16 @@ fn setup_steps(verbose: bool) -> anyhow::Result<Vec<String>> {
     if have_now == want && venv.join("bin/python").exists() {
         say("python test tools: present");
     } else {
-        println!("setup: installing python test tools into {}", venv.display());
+        println!(
+            "setup: installing python test tools into {}",
+            venv.display()
+        );
         if !venv.join("bin/python").exists() {
-            cmd::run(Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(&venv))?;
+            cmd::run(
+                Command::new("/usr/bin/python3")
+                    .args(["-m", "venv"])
+                    .arg(&venv),
+            )?;
         }
         cmd::run(
             Command::new(venv.join("bin/pip"))
@@ -143,7 +176,8 @@ fn setup_steps(verbose: bool) -> anyhow::Result<Vec<String>> {
 }
 
 fn dpkg_installed(pkg: &str) -> bool {
-    output("dpkg-query", &["-W", "-f=${Status}", pkg]).is_some_and(|s| s.contains("install ok installed"))
+    output("dpkg-query", &["-W", "-f=${Status}", pkg])
+        .is_some_and(|s| s.contains("install ok installed"))
 }
 
 fn bpf_linker_ok() -> bool {

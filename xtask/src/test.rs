@@ -30,32 +30,59 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
         cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"]))
             .context("code is not formatted: run `cargo fmt --all`")?;
         println!("xtask test: cargo clippy -D warnings");
-        cmd::run(cmd::cargo().args(["clippy", "--all-targets", "--quiet", "--", "-D", "warnings"]))?;
+        cmd::run(cmd::cargo().args([
+            "clippy",
+            "--all-targets",
+            "--quiet",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
         println!("xtask test: cargo clippy (eBPF, nightly, bpfel)");
         cmd::run(
-            cmd::cargo()
+            std::process::Command::new("rustup")
                 .current_dir(workspace_root().join("ebpf/pymedic-ebpf"))
                 .env_remove("RUSTC")
+                .env_remove("CARGO")
                 .env_remove("RUSTUP_TOOLCHAIN")
                 .args([
-                    "+nightly", "clippy", "--quiet", "--target", "bpfel-unknown-none",
-                    "-Z", "build-std=core", "--release", "--", "-D", "warnings",
-                ]),
+                    "run",
+                    "nightly",
+                    "cargo",
+                    "clippy",
+                    "--quiet",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--release",
+                    "--target-dir",
+                ])
+                .arg(workspace_root().join("target/ebpf-clippy"))
+                .args(["--", "-D", "warnings"]),
         )?;
     }
     println!("xtask test: building pymedic");
     cmd::run(cmd::cargo().args(["build", "--quiet", "-p", "pymedic"]))?;
     let bin = workspace_root().join("target/debug/pymedic");
     let venv_bin = setup::venv_dir().join("bin");
-    let path = std::env::join_paths(
-        std::iter::once(venv_bin).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
-    )?;
+    let path = std::env::join_paths(std::iter::once(venv_bin).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))?;
 
     println!("xtask test: unit tests");
     let mut unit = cmd::cargo();
-    unit.args(["test", "--quiet", "--workspace", "--exclude", "pymedic-integration", "--exclude", "pymedic-ebpf"])
-        .env("PYMEDIC_BIN", &bin)
-        .env("PATH", &path);
+    unit.args([
+        "test",
+        "--quiet",
+        "--workspace",
+        "--exclude",
+        "pymedic-integration",
+        "--exclude",
+        "pymedic-ebpf",
+    ])
+    .env("PYMEDIC_BIN", &bin)
+    .env("PATH", &path);
     if let Some(f) = &args.filter {
         unit.args(["--", f]);
     }
@@ -64,7 +91,14 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
     println!("xtask test: integration tests (real Python processes, real eBPF)");
     let mut integ = cmd::cargo();
     integ
-        .args(["test", "--quiet", "-p", "pymedic-integration", "--", "--test-threads=1"])
+        .args([
+            "test",
+            "--quiet",
+            "-p",
+            "pymedic-integration",
+            "--",
+            "--test-threads=1",
+        ])
         .env("PYMEDIC_BIN", &bin)
         .env("PATH", &path);
     if let Some(f) = &args.filter {

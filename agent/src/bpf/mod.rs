@@ -31,7 +31,7 @@ pub enum BpfError {
     #[error("loading eBPF object `{object}`: {source}")]
     Load {
         object: &'static str,
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("eBPF object `{object}` has no program `{program}` (build mismatch)")]
     MissingProgram {
@@ -48,12 +48,12 @@ pub enum BpfError {
         object: &'static str,
         program: &'static str,
         what: String,
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("eBPF map `{map}`: {source}")]
     Map {
         map: &'static str,
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error(transparent)]
     Tracefs(#[from] tracefs::TracefsError),
@@ -101,7 +101,10 @@ pub fn load<'a>(
                 source: Box::new(source),
             }
         } else {
-            BpfError::Load { object, source }
+            BpfError::Load {
+                object,
+                source: Box::new(source),
+            }
         }
     })
 }
@@ -123,7 +126,7 @@ pub fn attach_tracepoint(
             object,
             program,
             what: format!("tracepoint {category}:{name}"),
-            source,
+            source: Box::new(source),
         })?;
     let wrap = |source: aya::programs::ProgramError| {
         if is_eperm(&source) {
@@ -136,7 +139,7 @@ pub fn attach_tracepoint(
                 object,
                 program,
                 what: format!("tracepoint {category}:{name}"),
-                source,
+                source: Box::new(source),
             }
         }
     };
@@ -152,17 +155,19 @@ pub fn read_error_counters(
     map: &'static str,
 ) -> Result<Vec<(&'static str, u64)>, BpfError> {
     use pymedic_common::errors::ErrorCode;
-    let m = bpf.map(map).ok_or(BpfError::MissingMap {
-        object: "?",
+    let m = bpf
+        .map(map)
+        .ok_or(BpfError::MissingMap { object: "?", map })?;
+    let arr = aya::maps::PerCpuArray::<_, u64>::try_from(m).map_err(|source| BpfError::Map {
         map,
+        source: Box::new(source),
     })?;
-    let arr = aya::maps::PerCpuArray::<_, u64>::try_from(m)
-        .map_err(|source| BpfError::Map { map, source })?;
     let mut out = Vec::new();
     for code in ErrorCode::ALL {
-        let values = arr
-            .get(&(code as u32), 0)
-            .map_err(|source| BpfError::Map { map, source })?;
+        let values = arr.get(&(code as u32), 0).map_err(|source| BpfError::Map {
+            map,
+            source: Box::new(source),
+        })?;
         out.push((code.label(), values.iter().sum()));
     }
     Ok(out)

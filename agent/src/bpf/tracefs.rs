@@ -96,7 +96,9 @@ pub fn parse_field_offset(format: &str, field: &str) -> Option<u32> {
         if ident != field {
             continue;
         }
-        let off = line.split(';').find_map(|p| p.trim().strip_prefix("offset:"))?;
+        let off = line
+            .split(';')
+            .find_map(|p| p.trim().strip_prefix("offset:"))?;
         return off.trim().parse().ok();
     }
     None

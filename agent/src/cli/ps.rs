@@ -62,9 +62,12 @@ fn row(process: &pymedic_python::PythonProcess) -> Option<PsRow> {
     })
 }
 
+/// A process that looked relevant but could not be inspected: (pid, reason).
+pub type Problem = (u32, String);
+
 /// Scans `/proc` once and returns every Python process, with the ones that
-/// could not be read (pid, reason).
-pub fn scan() -> anyhow::Result<(Vec<PsRow>, Vec<(u32, String)>)> {
+/// could not be read.
+pub fn scan() -> anyhow::Result<(Vec<PsRow>, Vec<Problem>)> {
     let mut inspector = Inspector::new();
     let me = std::process::id();
     let mut rows = Vec::new();
@@ -89,7 +92,10 @@ pub fn run(args: PsArgs) -> anyhow::Result<ExitCode> {
         return watch(args.json);
     }
     let (rows, problems) = scan()?;
-    let denied = problems.iter().filter(|(_, why)| why.contains("denied")).count();
+    let denied = problems
+        .iter()
+        .filter(|(_, why)| why.contains("denied"))
+        .count();
     for (pid, why) in problems.iter().filter(|(_, why)| !why.contains("denied")) {
         eprintln!("pymedic: pid {pid}: {why}");
     }
@@ -112,7 +118,15 @@ pub fn run(args: PsArgs) -> anyhow::Result<ExitCode> {
     }
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header([
-        "PID", "PYTHON", "BUILD", "THREADS", "RSS", "UPTIME", "CONTAINER", "POD", "COMMAND",
+        "PID",
+        "PYTHON",
+        "BUILD",
+        "THREADS",
+        "RSS",
+        "UPTIME",
+        "CONTAINER",
+        "POD",
+        "COMMAND",
     ]);
     for r in &rows {
         table.add_row([
@@ -122,7 +136,10 @@ pub fn run(args: PsArgs) -> anyhow::Result<ExitCode> {
             r.threads.to_string(),
             human_bytes(r.rss_bytes),
             human_duration(r.uptime_seconds),
-            r.container.as_deref().map(|c| c[..12.min(c.len())].to_owned()).unwrap_or_else(|| "-".into()),
+            r.container
+                .as_deref()
+                .map(|c| c[..12.min(c.len())].to_owned())
+                .unwrap_or_else(|| "-".into()),
             r.pod.clone().unwrap_or_else(|| "-".into()),
             truncate(&r.cmdline.join(" "), 60),
         ]);

@@ -104,9 +104,16 @@ impl fmt::Display for Severity {
 impl std::str::FromStr for Severity {
     type Err = UnknownValue;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Severity::ALL.into_iter().find(|l| l.as_str() == s).ok_or_else(|| {
-            UnknownValue::new("severity", s, Severity::ALL.map(Severity::as_str).as_slice())
-        })
+        Severity::ALL
+            .into_iter()
+            .find(|l| l.as_str() == s)
+            .ok_or_else(|| {
+                UnknownValue::new(
+                    "severity",
+                    s,
+                    Severity::ALL.map(Severity::as_str).as_slice(),
+                )
+            })
     }
 }
 
@@ -351,10 +358,19 @@ mod tests {
         assert_eq!(a.0.len(), 16);
         let mut reused = target();
         reused.start_time_ticks = Some(2000);
-        assert_ne!(a, FindingId::compute(&Kind::DEADLOCK, Some(&reused), &loc, ""));
+        assert_ne!(
+            a,
+            FindingId::compute(&Kind::DEADLOCK, Some(&reused), &loc, "")
+        );
         let other_line = Location::new("app.py", "work", 11);
-        assert_ne!(a, FindingId::compute(&Kind::DEADLOCK, Some(&target()), &other_line, ""));
-        assert_ne!(a, FindingId::compute(&Kind::FD_LEAK, Some(&target()), &loc, ""));
+        assert_ne!(
+            a,
+            FindingId::compute(&Kind::DEADLOCK, Some(&target()), &other_line, "")
+        );
+        assert_ne!(
+            a,
+            FindingId::compute(&Kind::FD_LEAK, Some(&target()), &loc, "")
+        );
     }
 
     #[test]
@@ -370,8 +386,20 @@ mod tests {
         );
         let v = serde_json::to_value(&f).unwrap();
         for key in [
-            "id", "layer", "kind", "severity", "confidence", "title", "target", "location",
-            "related", "stacks", "evidence", "first_seen", "last_seen", "status",
+            "id",
+            "layer",
+            "kind",
+            "severity",
+            "confidence",
+            "title",
+            "target",
+            "location",
+            "related",
+            "stacks",
+            "evidence",
+            "first_seen",
+            "last_seen",
+            "status",
         ] {
             assert!(v.get(key).is_some(), "missing {key}");
         }
@@ -387,6 +415,9 @@ mod tests {
     fn enums_parse_with_named_errors() {
         assert_eq!("temporal".parse::<Layer>().unwrap(), Layer::Temporal);
         let err = "nope".parse::<Severity>().unwrap_err().to_string();
-        assert!(err.contains("severity") && err.contains("critical"), "{err}");
+        assert!(
+            err.contains("severity") && err.contains("critical"),
+            "{err}"
+        );
     }
 }

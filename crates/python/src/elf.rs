@@ -115,7 +115,9 @@ impl ElfFile {
     pub fn py_version_constant(&self) -> Option<Version> {
         let addr = self.symbol("Py_Version")?;
         let bytes = self.read_vaddr(addr, 4)?;
-        Some(Version::from_hex(u32::from_le_bytes(bytes.try_into().ok()?)))
+        Some(Version::from_hex(u32::from_le_bytes(
+            bytes.try_into().ok()?,
+        )))
     }
 
     /// Finds `PY_VERSION` ("3.9.18") for a known `major.minor` in
@@ -140,12 +142,13 @@ pub fn needs_libpython(path: &str) -> Result<bool, ElfError> {
     let file = File::open(path).map_err(open_err)?;
     // SAFETY: read-only private mapping; see `ElfFile::open`.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(open_err)?;
-    let obj = object::read::elf::ElfFile64::<object::Endianness>::parse(&*map).map_err(|source| {
-        ElfError::Parse {
-            path: PathBuf::from(path),
-            source,
-        }
-    })?;
+    let obj =
+        object::read::elf::ElfFile64::<object::Endianness>::parse(&*map).map_err(|source| {
+            ElfError::Parse {
+                path: PathBuf::from(path),
+                source,
+            }
+        })?;
     Ok(needed_libs(&obj)
         .iter()
         .any(|n| n.starts_with("libpython3")))
@@ -189,7 +192,11 @@ fn scan_version(data: &[u8], major: u8, minor: u8) -> Option<Version> {
             continue;
         }
         let rest = &data[at..];
-        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len()).min(16);
+        let end = rest
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(rest.len())
+            .min(16);
         if rest.get(end) != Some(&0) {
             continue;
         }

@@ -60,7 +60,9 @@ pub enum InspectError {
          (and CAP_DAC_READ_SEARCH for files in other containers)"
     )]
     PermissionDenied { pid: u32, what: &'static str },
-    #[error("process {pid} ({exe}) is not a CPython interpreter: no libpython is mapped and the executable defines no _PyRuntime")]
+    #[error(
+        "process {pid} ({exe}) is not a CPython interpreter: no libpython is mapped and the executable defines no _PyRuntime"
+    )]
     NotPython { pid: u32, exe: String },
     #[error(
         "process {pid} runs Python {version}, which pymedic does not support \

@@ -61,7 +61,9 @@ fn parse_line(line: &str) -> Option<Mapping> {
 
 /// Reads and parses `/proc/PID/maps`.
 pub fn read(pid: u32) -> std::io::Result<Vec<Mapping>> {
-    Ok(parse(&std::fs::read_to_string(format!("/proc/{pid}/maps"))?))
+    Ok(parse(&std::fs::read_to_string(format!(
+        "/proc/{pid}/maps"
+    ))?))
 }
 
 /// The path through which this process's view of `path` can be opened from

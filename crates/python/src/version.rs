@@ -116,10 +116,16 @@ mod tests {
 
     #[test]
     fn parse_forms() {
-        assert_eq!(Version::parse("3.9.18").unwrap(), Version::new(3, 9, Some(18)));
+        assert_eq!(
+            Version::parse("3.9.18").unwrap(),
+            Version::new(3, 9, Some(18))
+        );
         assert_eq!(Version::parse("3.10").unwrap(), Version::new(3, 10, None));
         assert_eq!(Version::parse("3.13.0rc2").unwrap().suffix, "rc2");
-        assert_eq!(Version::parse("3.11.4+").unwrap(), Version::new(3, 11, Some(4)));
+        assert_eq!(
+            Version::parse("3.11.4+").unwrap(),
+            Version::new(3, 11, Some(4))
+        );
         assert!(Version::parse("3.x").is_none());
         assert!(Version::parse("3.9.1zz").is_none());
     }

@@ -58,7 +58,7 @@ fn emit(kind: ProcEventKind, pid: u32, ppid: u32) {
 
 fn is_tracked(tgid: u32) -> bool {
     // SAFETY: the value is a plain u8 we only test for presence.
-    unsafe { TRACKED_PIDS.get(&tgid) }.is_some()
+    unsafe { TRACKED_PIDS.get(tgid) }.is_some()
 }
 
 #[tracepoint(category = "sched", name = "sched_process_exec")]
