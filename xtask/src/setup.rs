@@ -18,6 +18,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("protobuf-compiler", "protoc, for the proto drift test"),
     (
+        "libprotobuf-dev",
+        "google/protobuf/*.proto that pymedic.v1 imports (drift test, Python gRPC client)",
+    ),
+    (
         "golang-go",
         "`go tool pprof` validates pprof output in tests",
     ),
