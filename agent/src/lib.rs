@@ -7,4 +7,5 @@ pub mod bpf;
 pub mod cgroup;
 pub mod cli;
 pub mod discovery;
+pub mod engine;
 pub mod procinfo;
