@@ -1,0 +1,98 @@
+//! CPU and memory use: of a check (thread CPU clock), of a target
+//! (`/proc/PID/stat`), and of the agent itself.
+
+use std::time::Instant;
+
+/// CPU time the calling thread has used, in nanoseconds.
+pub fn thread_cpu_ns() -> u64 {
+    clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+/// CPU time the whole agent process has used, in nanoseconds.
+pub fn process_cpu_ns() -> u64 {
+    clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// User + system CPU of process `pid` in clock ticks (stat fields 14, 15).
+pub fn process_cpu_ticks(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3; field N is f[N - 3].
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Resident set size of the agent, bytes (`/proc/self/statm`).
+pub fn self_rss_bytes() -> u64 {
+    let Ok(text) = std::fs::read_to_string("/proc/self/statm") else {
+        return 0;
+    };
+    let pages: u64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    pages * page
+}
+
+/// How many cores a process used between two samples.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuSample {
+    ticks: u64,
+    at: Instant,
+}
+
+impl CpuSample {
+    pub fn take(pid: u32) -> Option<CpuSample> {
+        Some(CpuSample {
+            ticks: process_cpu_ticks(pid)?,
+            at: Instant::now(),
+        })
+    }
+
+    /// Cores used since `earlier` (1.0 = one core fully busy).
+    pub fn cores_since(&self, earlier: &CpuSample) -> f64 {
+        let wall = self.at.duration_since(earlier.at).as_secs_f64();
+        if wall <= 0.0 {
+            return 0.0;
+        }
+        let ticks = self.ticks.saturating_sub(earlier.ticks) as f64;
+        ticks / crate::procinfo::clock_ticks_per_sec() as f64 / wall
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clocks_advance_with_work() {
+        let t0 = thread_cpu_ns();
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        assert!(thread_cpu_ns() > t0);
+        assert!(process_cpu_ns() > 0);
+        assert!(self_rss_bytes() > 0);
+        assert!(process_cpu_ticks(std::process::id()).is_some());
+    }
+}
