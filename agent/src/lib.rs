@@ -8,4 +8,5 @@ pub mod cgroup;
 pub mod cli;
 pub mod discovery;
 pub mod engine;
+pub mod grpc;
 pub mod procinfo;

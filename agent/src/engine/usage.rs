@@ -1,7 +1,31 @@
 //! CPU and memory use: of a check (thread CPU clock), of a target
 //! (`/proc/PID/stat`), and of the agent itself.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
+
+static SAMPLES: AtomicU64 = AtomicU64::new(0);
+static LOST_EVENTS: AtomicU64 = AtomicU64::new(0);
+
+/// Detectors and capturers that sample (stacks, profiles) report how many
+/// samples they took; exported as `pymedic_samples_total`.
+pub fn record_samples(n: u64) {
+    SAMPLES.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Kernel events a detector or capturer lost (ring buffer full); exported as
+/// `pymedic_lost_events_total`.
+pub fn record_lost_events(n: u64) {
+    LOST_EVENTS.fetch_add(n, Ordering::Relaxed);
+}
+
+pub fn samples() -> u64 {
+    SAMPLES.load(Ordering::Relaxed)
+}
+
+pub fn lost_events() -> u64 {
+    LOST_EVENTS.load(Ordering::Relaxed)
+}
 
 /// CPU time the calling thread has used, in nanoseconds.
 pub fn thread_cpu_ns() -> u64 {
