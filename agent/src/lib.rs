@@ -9,4 +9,5 @@ pub mod cli;
 pub mod discovery;
 pub mod engine;
 pub mod grpc;
+pub mod metrics;
 pub mod procinfo;

@@ -2,7 +2,13 @@
 //! struct and `run` function. Output is a table (or text) by default and JSON
 //! with `--json`, per INTERFACE.md.
 
+mod agent;
+mod capture;
+mod diagnose;
+mod findings;
 mod ps;
+mod report;
+mod targets;
 
 use std::process::ExitCode;
 
@@ -25,12 +31,27 @@ pub struct Cli {
 pub enum Command {
     /// List the Python processes on this host (or watch them come and go).
     Ps(ps::PsArgs),
+    /// Run every detector against one live process for a while and report.
+    Diagnose(diagnose::DiagnoseArgs),
+    /// The node daemon: watch Python processes, store findings, serve gRPC and /metrics.
+    Agent(agent::AgentArgs),
+    /// Findings stored by an agent: list, watch, show.
+    Findings(findings::FindingsArgs),
+    /// Ask an agent for a capture (stack dump, CPU or off-CPU profile) and download it.
+    Capture(capture::CaptureArgs),
+    /// The Python processes an agent sees and watches.
+    Targets(targets::TargetsArgs),
 }
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Ps(args) => ps::run(args),
+        Command::Diagnose(args) => diagnose::run(args),
+        Command::Agent(args) => agent::run(args),
+        Command::Findings(args) => findings::run(args),
+        Command::Capture(args) => capture::run(args),
+        Command::Targets(args) => targets::run(args),
     }
 }
 
@@ -55,6 +76,9 @@ pub fn init_logging(verbose: u8) {
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     use pymedic_python::InspectError;
     for cause in err.chain() {
+        if cause.downcast_ref::<BadInput>().is_some() {
+            return 2;
+        }
         if let Some(e) = cause.downcast_ref::<InspectError>() {
             return match e {
                 InspectError::PermissionDenied { .. } => 77,
@@ -87,4 +111,14 @@ pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     serde_json::to_writer_pretty(&mut out, value)?;
     writeln!(out)?;
     Ok(())
+}
+
+/// Bad input from the user (configuration, flags): exit status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);
+
+/// Wraps any error as [`BadInput`].
+pub(crate) fn bad(e: impl std::fmt::Display) -> BadInput {
+    BadInput(e.to_string())
 }
