@@ -84,6 +84,15 @@ pub struct Engine {
     control: mpsc::Sender<Control>,
 }
 
+/// How the engine finds targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Discover {
+    /// eBPF exec/exit tracking, falling back to polling `/proc`.
+    Auto,
+    /// Only what [`Engine::watch`] adds.
+    Manual,
+}
+
 /// Background tasks of a running engine.
 pub struct Tasks {
     pub handles: Vec<JoinHandle<()>>,
@@ -96,6 +105,17 @@ impl Engine {
         config: Config,
         registry: Registry,
         capturers: Vec<Arc<dyn Capturer>>,
+    ) -> Result<(Arc<Engine>, Tasks), EngineError> {
+        Self::start_with(config, registry, capturers, Discover::Auto)
+    }
+
+    /// [`Engine::start`], choosing how targets are found: `Manual` leaves
+    /// it to [`Engine::watch`] (embedding, tests).
+    pub fn start_with(
+        config: Config,
+        registry: Registry,
+        capturers: Vec<Arc<dyn Capturer>>,
+        discover: Discover,
     ) -> Result<(Arc<Engine>, Tasks), EngineError> {
         let store = Arc::new(Store::open(&config.data_dir, config.store.retention())?);
         let now = pymedic_model::now();
@@ -149,7 +169,16 @@ impl Engine {
         });
         let mut handles = vec![tokio::spawn(scheduler.run(control_rx))];
         handles.push(tokio::spawn(writer(engine.clone(), out_rx)));
-        handles.push(tokio::spawn(discover::run(engine.clone(), selector)));
+        match discover {
+            Discover::Auto => handles.push(tokio::spawn(discover::run(engine.clone(), selector))),
+            Discover::Manual => {
+                *engine
+                    .discovery_mode
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner()) = "manual";
+                engine.ready.store(true, Ordering::Release);
+            }
+        }
         handles.push(tokio::spawn(retention(engine.clone())));
         Ok((engine, Tasks { handles }))
     }
@@ -157,6 +186,30 @@ impl Engine {
     /// Subscribes to committed events (see `grpc` for gap-free resumption).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.events.subscribe()
+    }
+
+    /// Watches `target` (with [`Discover::Manual`], or to add one by hand).
+    pub async fn watch(&self, target: TargetInfo) {
+        self.known
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                target.id,
+                Known {
+                    info: target.clone(),
+                    selected: true,
+                },
+            );
+        self.control(Control::Add(Box::new(target))).await;
+    }
+
+    /// Stops watching `target` and resolves its findings.
+    pub async fn unwatch(&self, target: TargetId) {
+        self.known
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&target);
+        self.control(Control::Remove(target)).await;
     }
 
     /// Starts or stops watching a target.
