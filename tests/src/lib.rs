@@ -3,6 +3,8 @@
 //! programs from `tests/scripts/` under a guard that kills them on drop, and
 //! the root check that skips (or, under `CI=true`, fails) privileged tests.
 
+pub mod agent;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};

@@ -42,6 +42,9 @@ pub struct AgentArgs {
     /// Allow a non-loopback --listen without TLS or token (logs a warning).
     #[arg(long)]
     pub insecure: bool,
+    /// Validate the configuration (file, environment, flags) and exit.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 impl AgentArgs {
@@ -99,6 +102,21 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     // Refuse an unprotected public address before touching anything else.
     grpc::auth::check_listen(listen, tls.is_some(), token.is_some(), config.insecure)
         .map_err(|e| super::BadInput(e.to_string()))?;
+    if args.check_config {
+        println!(
+            "configuration is valid: listen {listen} ({}{}), data_dir {}, detectors: {}",
+            if tls.is_some() { "TLS" } else { "plaintext" },
+            if token.is_some() { ", token" } else { "" },
+            config.data_dir.display(),
+            registry
+                .entries()
+                .iter()
+                .map(|e| e.detector.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let metrics_addr = (!config.metrics_listen.is_empty())
         .then(|| config.metrics_listen.parse())
         .transpose()

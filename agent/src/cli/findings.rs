@@ -264,6 +264,15 @@ async fn watch(
     }
 }
 
+/// Errors a reconnection cannot fix.
+fn fatal(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        OutOfRange | Unauthenticated | PermissionDenied | InvalidArgument | Unimplemented
+    )
+}
+
 async fn show(agent: &AgentOpts, id: &str, json: bool) -> anyhow::Result<ExitCode> {
     let mut client = agent.connect().await?;
     let f = client

@@ -69,8 +69,7 @@ impl BearerAuth {
         };
         let Some(value) = req.metadata().get("authorization") else {
             return Err(Status::unauthenticated(
-                "this agent requires a token: send `authorization: Bearer <token>` \
-                 (pymedic: --token-file or PYMEDIC_TOKEN)",
+                "this agent requires a token: send `authorization: Bearer <token>`",
             ));
         };
         let ok = value

@@ -122,5 +122,5 @@ pub fn explain(status: tonic::Status) -> anyhow::Error {
         }
         _ => "",
     };
-    anyhow::anyhow!("agent: {}: {}{hint}", status.code(), status.message())
+    anyhow::anyhow!("agent: {:?}: {}{hint}", status.code(), status.message())
 }
