@@ -180,11 +180,11 @@ async fn watch(
                 severity: f.severity.map(severity_to_pb).unwrap_or_default() as i32,
                 pid: f.pid.unwrap_or(0),
             };
-            let mut stream = client
-                .watch_findings(req)
-                .await
-                .map_err(explain)?
-                .into_inner();
+            let mut stream = match client.watch_findings(req).await {
+                Ok(s) => s.into_inner(),
+                Err(s) if fatal(s.code()) => return Err(explain(s)).context("cannot resume"),
+                Err(s) => return Err(explain(s)),
+            };
             loop {
                 let ev = match stream.message().await {
                     Ok(Some(ev)) => ev,
