@@ -6,7 +6,7 @@
 pub mod bpf;
 pub mod cgroup;
 pub mod cli;
-pub mod discovery;
-pub mod procinfo;
 pub mod deadlock;
+pub mod discovery;
 pub mod dump;
+pub mod procinfo;

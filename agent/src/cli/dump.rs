@@ -64,7 +64,11 @@ pub fn run(args: DumpArgs) -> anyhow::Result<ExitCode> {
         eprintln!(
             "pymedic: pausing process {} while reading it ({})",
             args.pid,
-            if args.native { "--native" } else { "--blocking" }
+            if args.native {
+                "--native"
+            } else {
+                "--blocking"
+            }
         );
     }
     let mut dumper = Dumper::new(args.pid)?;
@@ -93,12 +97,19 @@ pub fn run(args: DumpArgs) -> anyhow::Result<ExitCode> {
 
 /// A snapshot and its verdicts; a deadlock is only reported when a second
 /// snapshot shortly after shows the same cycle.
-pub fn snapshot_with_verdicts(dumper: &mut Dumper, opts: &DumpOptions) -> Result<(Snapshot, Analysis), crate::dump::DumpError> {
+pub fn snapshot_with_verdicts(
+    dumper: &mut Dumper,
+    opts: &DumpOptions,
+) -> Result<(Snapshot, Analysis), crate::dump::DumpError> {
     let mut snap = dumper.snapshot(opts)?;
     let mut analysis = deadlock::analyze(&snap);
     if !analysis.deadlocks.is_empty() {
         std::thread::sleep(CONFIRM_AFTER);
-        let again_opts = DumpOptions { native: false, locals: false, ..opts.clone() };
+        let again_opts = DumpOptions {
+            native: false,
+            locals: false,
+            ..opts.clone()
+        };
         let second = dumper.snapshot(&again_opts)?;
         let second_analysis = deadlock::analyze(&second);
         let confirmed = deadlock::confirm(&analysis.deadlocks, second_analysis.deadlocks);
@@ -130,15 +141,27 @@ pub fn render(s: &Snapshot, a: &Analysis) -> String {
         let _ = writeln!(o, "note: {n}");
     }
     let by_tid = crate::dump::threads_by_tid(s);
-    let name_of = |tid: u32| by_tid.get(&tid).map_or(format!("tid {tid}"), |t| thread_label(t));
+    let name_of = |tid: u32| {
+        by_tid
+            .get(&tid)
+            .map_or(format!("tid {tid}"), |t| thread_label(t))
+    };
     for d in &a.deadlocks {
         let _ = writeln!(
             o,
             "\nDEADLOCK: {} ({} thread{}{})",
-            if d.kind == "self" { "a thread waits for a lock it holds" } else { "threads wait for each other in a cycle" },
+            if d.kind == "self" {
+                "a thread waits for a lock it holds"
+            } else {
+                "threads wait for each other in a cycle"
+            },
             d.threads.len(),
             if d.threads.len() == 1 { "" } else { "s" },
-            if d.confirmed { ", seen in two snapshots" } else { "" }
+            if d.confirmed {
+                ", seen in two snapshots"
+            } else {
+                ""
+            }
         );
         for th in &d.threads {
             let _ = writeln!(
@@ -153,7 +176,11 @@ pub fn render(s: &Snapshot, a: &Analysis) -> String {
                 name_of(th.waiting_for.holder_tid)
             );
             for h in &th.holds {
-                let _ = writeln!(o, "      it holds {}, acquired at {}", h.lock.name, h.acquired_at);
+                let _ = writeln!(
+                    o,
+                    "      it holds {}, acquired at {}",
+                    h.lock.name, h.acquired_at
+                );
             }
         }
     }
@@ -180,7 +207,11 @@ pub fn render(s: &Snapshot, a: &Analysis) -> String {
             let _ = writeln!(o, "{line}");
         }
         for h in &th.holds {
-            let _ = writeln!(o, "  holds: {} ({:?}), acquired at {}", h.lock.name, h.lock.kind, h.acquired_at);
+            let _ = writeln!(
+                o,
+                "  holds: {} ({:?}), acquired at {}",
+                h.lock.name, h.lock.kind, h.acquired_at
+            );
         }
         for f in &th.frames {
             match f.kind {
@@ -188,7 +219,11 @@ pub fn render(s: &Snapshot, a: &Analysis) -> String {
                     let _ = writeln!(o, "    {} ({}:{})", f.function, f.file, f.line);
                 }
                 FrameKind::Native => {
-                    let line = if f.line > 0 { format!(":{}", f.line) } else { String::new() };
+                    let line = if f.line > 0 {
+                        format!(":{}", f.line)
+                    } else {
+                        String::new()
+                    };
                     let _ = writeln!(o, "    [native] {} ({}{line})", f.function, f.file);
                 }
             }

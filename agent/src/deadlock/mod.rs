@@ -164,7 +164,9 @@ pub fn analyze(s: &Snapshot) -> Analysis {
             tids.push(*next);
             cur = *next;
         }
-        let Some(last) = by_tid.get(&cur) else { continue };
+        let Some(last) = by_tid.get(&cur) else {
+            continue;
+        };
         if edges.contains_key(&cur) {
             continue; // ends in a cycle: that is reported as a deadlock
         }
@@ -180,13 +182,20 @@ pub fn analyze(s: &Snapshot) -> Analysis {
             .or_else(|| last.top_python().map(|f| f.location()));
         let names: Vec<String> = tids
             .iter()
-            .map(|t| by_tid.get(t).map_or(t.to_string(), |d| format!("{} ({t})", d.name)))
+            .map(|t| {
+                by_tid
+                    .get(t)
+                    .map_or(t.to_string(), |d| format!("{} ({t})", d.name))
+            })
             .collect();
         out.chains.push(Chain {
             summary: format!(
                 "{} — the last holder is not waiting for a lock ({ends_in}{}): not a deadlock",
                 names.join(" → "),
-                ends_at.as_ref().map(|l| format!(" at {l}")).unwrap_or_default()
+                ends_at
+                    .as_ref()
+                    .map(|l| format!(" at {l}"))
+                    .unwrap_or_default()
             ),
             tids,
             ends_in,
@@ -196,7 +205,11 @@ pub fn analyze(s: &Snapshot) -> Analysis {
     out
 }
 
-fn deadlock(cycle: &[u32], edges: &HashMap<u32, (u32, LockRef)>, by_tid: &HashMap<u32, &ThreadDump>) -> Deadlock {
+fn deadlock(
+    cycle: &[u32],
+    edges: &HashMap<u32, (u32, LockRef)>,
+    by_tid: &HashMap<u32, &ThreadDump>,
+) -> Deadlock {
     let mut threads = Vec::new();
     let mut inferred = false;
     for tid in cycle {

@@ -128,7 +128,10 @@ fn two_thread_cycle_over_plain_locks() {
 
 #[test]
 fn three_thread_cycle_is_one_deadlock() {
-    let l: Vec<LockRef> = ["0x1", "0x2", "0x3"].iter().map(|i| lock(i, LockKind::Lock)).collect();
+    let l: Vec<LockRef> = ["0x1", "0x2", "0x3"]
+        .iter()
+        .map(|i| lock(i, LockKind::Lock))
+        .collect();
     let s = snap(vec![
         waits(holds(thread(1), l[0].clone(), 1), l[1].clone(), 2),
         waits(holds(thread(2), l[1].clone(), 3), l[2].clone(), 4),
@@ -188,7 +191,11 @@ fn ambiguous_or_unknown_holders_give_no_verdict() {
     // Two threads both appear to hold b: no edge from 1.
     let s = snap(vec![
         waits(holds(thread(1), a.clone(), 5), b.clone(), 6),
-        waits(holds(holds(thread(2), b.clone(), 15), a.clone(), 1), a.clone(), 16),
+        waits(
+            holds(holds(thread(2), b.clone(), 15), a.clone(), 1),
+            a.clone(),
+            16,
+        ),
         holds(thread(3), b, 30),
     ]);
     assert!(analyze(&s).deadlocks.is_empty());
@@ -239,7 +246,11 @@ fn finding_has_sites_and_stacks() {
     assert_eq!(f.layer.as_str(), "temporal");
     assert_eq!(f.location.line, 6);
     assert_eq!(f.related.len(), 4);
-    assert!(f.related.iter().any(|r| r.line == 15 && r.role.contains("holds lock_0xb")));
+    assert!(
+        f.related
+            .iter()
+            .any(|r| r.line == 15 && r.role.contains("holds lock_0xb"))
+    );
     assert_eq!(f.stacks.len(), 2);
     let v = serde_json::to_value(&f).unwrap();
     assert_eq!(v["evidence"]["threads"][0]["holder_tid"], 2);

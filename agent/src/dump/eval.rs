@@ -15,7 +15,12 @@ pub fn eval<M: ProcessMemory>(interp: &Interpreter<M>, frame: &Frame, expr: &Exp
     eval_depth(interp, frame, expr, MAX_DEPTH)
 }
 
-fn eval_depth<M: ProcessMemory>(interp: &Interpreter<M>, frame: &Frame, expr: &Expr, depth: u32) -> Option<u64> {
+fn eval_depth<M: ProcessMemory>(
+    interp: &Interpreter<M>,
+    frame: &Frame,
+    expr: &Expr,
+    depth: u32,
+) -> Option<u64> {
     if depth == 0 {
         return None;
     }
@@ -40,7 +45,12 @@ enum Key {
     Str(String),
 }
 
-fn key_of<M: ProcessMemory>(interp: &Interpreter<M>, frame: &Frame, expr: &Expr, depth: u32) -> Option<Key> {
+fn key_of<M: ProcessMemory>(
+    interp: &Interpreter<M>,
+    frame: &Frame,
+    expr: &Expr,
+    depth: u32,
+) -> Option<Key> {
     match expr {
         Expr::NumberLiteral(n) => match &n.value {
             Number::Int(i) => i.as_i64().map(|v| Key::Int(v.into())),
@@ -79,9 +89,13 @@ fn subscript<M: ProcessMemory>(interp: &Interpreter<M>, base: u64, key: &Key) ->
             .map(|(_, v)| v),
         ("list" | "tuple", Key::Int(i)) => {
             let items = if ty == "list" {
-                interp.list_items(base, pymedic_python::objects::MAX_ITEMS).ok()?
+                interp
+                    .list_items(base, pymedic_python::objects::MAX_ITEMS)
+                    .ok()?
             } else {
-                interp.tuple_items(base, pymedic_python::objects::MAX_ITEMS).ok()?
+                interp
+                    .tuple_items(base, pymedic_python::objects::MAX_ITEMS)
+                    .ok()?
             };
             let n = items.len() as i128;
             let idx = if *i < 0 { n + i } else { *i };

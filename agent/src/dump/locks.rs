@@ -102,7 +102,13 @@ impl<M: ProcessMemory> Locks<'_, M> {
 
     /// The locks `frames` (one thread's stack, innermost first) hold, each
     /// with where it was taken. `ident` is the thread's `pthread_t`.
-    pub fn held_by(&self, pid: u32, sources: &mut SourceCache, frames: &[Frame], ident: u64) -> Vec<Held> {
+    pub fn held_by(
+        &self,
+        pid: u32,
+        sources: &mut SourceCache,
+        frames: &[Frame],
+        ident: u64,
+    ) -> Vec<Held> {
         let mut out: Vec<Held> = Vec::new();
         let mut released: HashSet<String> = HashSet::new();
         let my_tid = self.tids.get(&ident).copied().unwrap_or(0);

@@ -25,9 +25,13 @@ pub mod wait;
 use std::collections::HashMap;
 
 use pymedic_model::Target;
-use pymedic_python::{Frame, InspectError, Interpreter, LiveMemory, MemoryError, PythonProcess, ReadError};
+use pymedic_python::{
+    Frame, InspectError, Interpreter, LiveMemory, MemoryError, PythonProcess, ReadError,
+};
 
-pub use model::{FrameDump, FrameKind, Held, Local, LockKind, LockRef, Snapshot, ThreadDump, Wait, WaitKind};
+pub use model::{
+    FrameDump, FrameKind, Held, Local, LockKind, LockRef, Snapshot, ThreadDump, Wait, WaitKind,
+};
 
 use locks::Locks;
 use source::SourceCache;
@@ -67,14 +71,20 @@ pub enum DumpError {
         "process {pid} kept changing while it was read ({attempts} attempts; last: {last}); \
          retry, or use --blocking to pause it"
     )]
-    Unstable { pid: u32, attempts: u32, last: String },
+    Unstable {
+        pid: u32,
+        attempts: u32,
+        last: String,
+    },
 }
 
 impl DumpError {
     fn from_read(pid: u32, e: ReadError) -> DumpError {
         match e {
             ReadError::Memory(MemoryError::Exited { .. }) => DumpError::Exited { pid },
-            ReadError::Memory(MemoryError::PermissionDenied { .. }) => DumpError::PermissionDenied { pid },
+            ReadError::Memory(MemoryError::PermissionDenied { .. }) => {
+                DumpError::PermissionDenied { pid }
+            }
             e => DumpError::Read { pid, source: e },
         }
     }
@@ -192,7 +202,11 @@ impl Dumper {
         })
     }
 
-    fn read_threads(&mut self, tasks: &[task::Task], opts: &DumpOptions) -> Result<Snapshot, ReadError> {
+    fn read_threads(
+        &mut self,
+        tasks: &[task::Task],
+        opts: &DumpOptions,
+    ) -> Result<Snapshot, ReadError> {
         let pid = self.process.pid;
         let interp = &self.interp;
         let threads = interp.threads()?;
@@ -207,7 +221,10 @@ impl Dumper {
             stacks.push(interp.frames(t)?);
         }
         let classifier = Classifier {
-            locks: Locks { interp, tids: &tids },
+            locks: Locks {
+                interp,
+                tids: &tids,
+            },
             pid,
             gil_range: gil_range(interp, main_interp),
         };
@@ -230,7 +247,10 @@ impl Dumper {
             dumps.push(ThreadDump {
                 tid,
                 ident: t.thread_id,
-                name: names.get(&t.thread_id).cloned().unwrap_or_else(|| task.comm.clone()),
+                name: names
+                    .get(&t.thread_id)
+                    .cloned()
+                    .unwrap_or_else(|| task.comm.clone()),
                 os_name: task.comm.clone(),
                 gil: gil == Some(t.tstate),
                 active: task.state == 'R',
@@ -245,7 +265,9 @@ impl Dumper {
             .any(|d| d.waiting.as_ref().is_some_and(|w| w.kind == WaitKind::Lock));
         if lock_waits {
             for ((t, frames), d) in threads.iter().zip(&stacks).zip(dumps.iter_mut()) {
-                d.holds = classifier.locks.held_by(pid, &mut self.sources, frames, t.thread_id);
+                d.holds = classifier
+                    .locks
+                    .held_by(pid, &mut self.sources, frames, t.thread_id);
             }
         }
         Ok(Snapshot {
@@ -258,7 +280,12 @@ impl Dumper {
     }
 
     fn add_native(&self, process: &remoteprocess::Process, snap: &mut Snapshot) {
-        let tids: Vec<u32> = snap.threads.iter().map(|t| t.tid).filter(|&t| t != 0).collect();
+        let tids: Vec<u32> = snap
+            .threads
+            .iter()
+            .map(|t| t.tid)
+            .filter(|&t| t != 0)
+            .collect();
         let stacks = match native::unwind(process, &tids) {
             Ok(s) => s,
             Err(e) => {
@@ -307,7 +334,10 @@ fn gil_range(interp: &Interpreter<LiveMemory>, main_interp: u64) -> Option<(u64,
         (Some(off), _) => interp.runtime_addr() + u64::from(off),
         (None, Some(off)) => {
             use pymedic_python::ProcessMemory as _;
-            interp.memory().read_u64(main_interp + u64::from(off)).ok()?
+            interp
+                .memory()
+                .read_u64(main_interp + u64::from(off))
+                .ok()?
         }
         _ => return None,
     };

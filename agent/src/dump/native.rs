@@ -34,9 +34,14 @@ pub fn pause(pid: u32) -> Result<(remoteprocess::Process, Paused), remoteprocess
 }
 
 /// Unwinds and symbolises every thread in `tids` of a paused process.
-pub fn unwind(process: &remoteprocess::Process, tids: &[u32]) -> Result<HashMap<u32, Vec<NativeFrame>>, String> {
+pub fn unwind(
+    process: &remoteprocess::Process,
+    tids: &[u32],
+) -> Result<HashMap<u32, Vec<NativeFrame>>, String> {
     let unwinder = process.unwinder().map_err(|e| format!("libunwind: {e}"))?;
-    let symbolicator = process.symbolicator().map_err(|e| format!("symbols: {e}"))?;
+    let symbolicator = process
+        .symbolicator()
+        .map_err(|e| format!("symbols: {e}"))?;
     let mut out = HashMap::new();
     for &tid in tids {
         let thread = remoteprocess::Thread::new(tid as i32).map_err(|e| e.to_string())?;
@@ -103,7 +108,10 @@ pub fn merge(native: &[NativeFrame], python: &[Frame], py: &[FrameDump]) -> (Vec
         out.push(FrameDump {
             kind: FrameKind::Native,
             file: n.file.clone(),
-            function: n.function.clone().unwrap_or_else(|| format!("{:#x}", n.addr)),
+            function: n
+                .function
+                .clone()
+                .unwrap_or_else(|| format!("{:#x}", n.addr)),
             line: n.line,
             addr: Some(n.addr),
             locals: None,

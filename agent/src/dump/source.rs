@@ -62,7 +62,9 @@ impl SourceFile {
 
     fn lines(&self, node: &impl Ranged) -> (u32, u32) {
         let r = node.range();
-        let end = usize::from(r.end()).saturating_sub(1).max(usize::from(r.start()));
+        let end = usize::from(r.end())
+            .saturating_sub(1)
+            .max(usize::from(r.start()));
         (self.line_of(r.start().into()), self.line_of(end))
     }
 
@@ -151,6 +153,31 @@ impl SourceFile {
         for (call, expr) in v.found {
             self.apply(held, call, expr, stmt);
         }
+    }
+
+    /// Every `X.method(...)` call in the innermost statement at `line`, as
+    /// (method, receiver, receiver text): what a blocked frame may be
+    /// waiting in when the callee is C code (`SimpleQueue.get`).
+    pub fn method_calls_at(&self, line: u32) -> Vec<(String, Expr, String)> {
+        let path = self.path(line);
+        let Some(&(block, i)) = path.last() else {
+            return Vec::new();
+        };
+        let mut v = LockCalls {
+            all: true,
+            ..LockCalls::default()
+        };
+        match &block[i] {
+            Stmt::If(s) => v.visit_expr(&s.test),
+            Stmt::While(s) => v.visit_expr(&s.test),
+            Stmt::With(w) => w.items.iter().for_each(|it| v.visit_expr(&it.context_expr)),
+            s if !is_compound(s) => v.visit_stmt(s),
+            _ => {}
+        }
+        v.found
+            .into_iter()
+            .map(|(m, e)| (m.to_owned(), e.clone(), self.text_of(e)))
+            .collect()
     }
 
     fn apply(&self, held: &mut Vec<Site>, call: &str, expr: &Expr, stmt: &Stmt) {
@@ -262,10 +289,12 @@ fn child_blocks(s: &Stmt) -> Vec<&[Stmt]> {
     }
 }
 
-/// `X.acquire(...)`, `X.release()` and `X.__enter__()` calls in a node.
+/// `X.acquire(...)`, `X.release()` and `X.__enter__()` calls in a node
+/// (with `all`: every `X.method(...)` call, as `(method, X)`).
 #[derive(Default)]
 struct LockCalls<'a> {
-    found: Vec<(&'static str, &'a Expr)>,
+    found: Vec<(&'a str, &'a Expr)>,
+    all: bool,
 }
 
 impl<'a> Visitor<'a> for LockCalls<'a> {
@@ -277,6 +306,7 @@ impl<'a> Visitor<'a> for LockCalls<'a> {
                 "acquire" => Some("acquire"),
                 "__enter__" => Some("acquire"),
                 "release" => Some("release"),
+                other if self.all => Some(other),
                 _ => None,
             };
             if let Some(verb) = verb {
@@ -289,7 +319,7 @@ impl<'a> Visitor<'a> for LockCalls<'a> {
     }
 }
 
-fn lock_calls(s: &Stmt) -> Vec<(&'static str, &Expr)> {
+fn lock_calls(s: &Stmt) -> Vec<(&str, &Expr)> {
     let mut v = LockCalls::default();
     v.visit_stmt(s);
     v.found

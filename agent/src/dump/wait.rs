@@ -33,7 +33,12 @@ impl<M: ProcessMemory> Classifier<'_, M> {
     }
 
     /// The wait of a thread in kernel state `task`, running `frames`.
-    pub fn classify(&self, task: &Task, frames: &[Frame], sources: &mut SourceCache) -> Option<Wait> {
+    pub fn classify(
+        &self,
+        task: &Task,
+        frames: &[Frame],
+        sources: &mut SourceCache,
+    ) -> Option<Wait> {
         if task.state == 'R' {
             return None;
         }
@@ -58,6 +63,7 @@ impl<M: ProcessMemory> Classifier<'_, M> {
             if let Some(kind) = self.stdlib_wait(frames, &mut wait) {
                 wait.kind = kind;
                 if kind != WaitKind::Lock {
+                    wait.at = program_site(frames);
                     return Some(wait);
                 }
             }
@@ -70,14 +76,22 @@ impl<M: ProcessMemory> Classifier<'_, M> {
                     wait.detail = Some(format!("{} {}", lock_type(&lock), lock.name));
                     wait.lock = Some(lock);
                 }
-                None => {
-                    wait.kind = WaitKind::Futex;
-                    wait.detail = Some(format!("futex {addr:#x}"));
-                }
+                None => match self.callee_wait(frames, sources) {
+                    Some((kind, detail)) => {
+                        wait.kind = kind;
+                        wait.detail = Some(detail);
+                        wait.at = program_site(frames);
+                    }
+                    None => {
+                        wait.kind = WaitKind::Futex;
+                        wait.detail = Some(format!("futex {addr:#x}"));
+                    }
+                },
             }
             return Some(wait);
         }
         self.syscall_wait(sc, &mut wait);
+        wait.at = program_site(frames);
         Some(wait)
     }
 
@@ -87,8 +101,16 @@ impl<M: ProcessMemory> Classifier<'_, M> {
             nr::NANOSLEEP | nr::CLOCK_NANOSLEEP => WaitKind::Sleep,
             nr::SELECT | nr::PSELECT6 if a[0] == 0 => WaitKind::Sleep,
             nr::POLL | nr::PPOLL if a[1] == 0 => WaitKind::Sleep,
-            nr::READ | nr::WRITE | nr::RECVFROM | nr::RECVMSG | nr::RECVMMSG | nr::SENDTO
-            | nr::SENDMSG | nr::ACCEPT | nr::ACCEPT4 | nr::CONNECT => {
+            nr::READ
+            | nr::WRITE
+            | nr::RECVFROM
+            | nr::RECVMSG
+            | nr::RECVMMSG
+            | nr::SENDTO
+            | nr::SENDMSG
+            | nr::ACCEPT
+            | nr::ACCEPT4
+            | nr::CONNECT => {
                 wait.detail = Some(describe_fd(self.pid, a[0]));
                 WaitKind::Io
             }
@@ -115,10 +137,19 @@ impl<M: ProcessMemory> Classifier<'_, M> {
     /// `poll(fds, n)`: the descriptors, read from the target's pollfd array.
     fn poll_detail(&self, fds: u64, n: u64) -> String {
         let n = n.min(8) as usize;
-        let raw = self.interp().memory().read_vec(fds, n * 8).unwrap_or_default();
+        let raw = self
+            .interp()
+            .memory()
+            .read_vec(fds, n * 8)
+            .unwrap_or_default();
         let list: Vec<String> = raw
             .chunks_exact(8)
-            .map(|c| describe_fd(self.pid, u64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32)))
+            .map(|c| {
+                describe_fd(
+                    self.pid,
+                    u64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32),
+                )
+            })
             .collect();
         if list.is_empty() {
             format!("poll on {n} fds")
@@ -141,7 +172,9 @@ impl<M: ProcessMemory> Classifier<'_, M> {
             return Some(WaitKind::Queue);
         }
         let slf = self.interp().lookup_name(outer, "self").ok().flatten();
-        let ty = slf.and_then(|s| self.interp().type_name(s).ok()).unwrap_or_default();
+        let ty = slf
+            .and_then(|s| self.interp().type_name(s).ok())
+            .unwrap_or_default();
         let name = outer.code.name.as_str();
         Some(match (ty.as_str(), name) {
             (_, "__enter__" | "acquire") if ty == "Condition" => WaitKind::Lock,
@@ -157,6 +190,37 @@ impl<M: ProcessMemory> Classifier<'_, M> {
             (_, "wait" | "wait_for") => WaitKind::Condition,
             _ => WaitKind::Lock,
         })
+    }
+
+    /// A futex wait inside a C method called at the innermost frame's
+    /// line, told by the receiver's type (`_queue.SimpleQueue.get`, a C
+    /// `Event`, ...).
+    fn callee_wait(
+        &self,
+        frames: &[Frame],
+        sources: &mut SourceCache,
+    ) -> Option<(WaitKind, String)> {
+        let top = frames.first()?;
+        let src = sources.get(self.pid, &top.code.filename)?;
+        for (method, expr, text) in src.method_calls_at(top.line) {
+            let Some(obj) = eval(self.interp(), top, &expr) else {
+                continue;
+            };
+            let ty = self.interp().type_name(obj).unwrap_or_default();
+            let base = ty.rsplit('.').next().unwrap_or(&ty);
+            let kind = match base {
+                "SimpleQueue" | "Queue" | "LifoQueue" | "PriorityQueue" | "JoinableQueue" => {
+                    WaitKind::Queue
+                }
+                "Event" => WaitKind::Event,
+                "Condition" => WaitKind::Condition,
+                "Semaphore" | "BoundedSemaphore" => WaitKind::Semaphore,
+                "Barrier" => WaitKind::Barrier,
+                _ => continue,
+            };
+            return Some((kind, format!("{text}.{method}() ({ty})")));
+        }
+        None
     }
 
     fn join_target(&self, thread: u64, wait: &mut Wait) {
@@ -185,7 +249,12 @@ impl<M: ProcessMemory> Classifier<'_, M> {
     /// The lock whose semaphore is `futex`: first the expressions the
     /// innermost frames are acquiring at their current line, then every
     /// local (and its attributes) of the innermost frame.
-    fn awaited_lock(&self, frames: &[Frame], futex: u64, sources: &mut SourceCache) -> Option<LockRef> {
+    fn awaited_lock(
+        &self,
+        frames: &[Frame],
+        futex: u64,
+        sources: &mut SourceCache,
+    ) -> Option<LockRef> {
         let i = self.interp();
         for frame in frames.iter().take(3) {
             if let Some(src) = sources.get(self.pid, &frame.code.filename) {
@@ -231,12 +300,39 @@ fn lock_type(l: &LockRef) -> &'static str {
     }
 }
 
-/// Where the program waits: the innermost frame outside `threading` and
-/// `queue`.
+/// Where a lock wait happens: the innermost frame outside `threading` and
+/// `queue` (a lock taken inside `logging` is waited for there).
 pub fn waiting_site(frames: &[Frame]) -> Option<Location> {
     frames
         .iter()
         .find(|f| !is_threading(&f.code.filename) && !is_queue(&f.code.filename))
         .or(frames.first())
-        .map(|f| Location::new(f.code.filename.clone(), f.code.function(), f.line))
+        .map(location)
+}
+
+/// Where the program waits for anything else (a queue, an event, a
+/// future): the innermost frame outside the standard library.
+pub fn program_site(frames: &[Frame]) -> Option<Location> {
+    frames
+        .iter()
+        .find(|f| !is_stdlib(&f.code.filename))
+        .map(location)
+        .or_else(|| waiting_site(frames))
+}
+
+fn location(f: &Frame) -> Location {
+    Location::new(f.code.filename.clone(), f.code.function(), f.line)
+}
+
+/// A file of the standard library (`.../lib/python3.X/...` outside
+/// `site-packages`), or frozen bootstrap code.
+pub fn is_stdlib(filename: &str) -> bool {
+    if filename.starts_with("<frozen") {
+        return true;
+    }
+    let Some(i) = filename.find("/lib/python3.") else {
+        return false;
+    };
+    let rest = &filename[i..];
+    !rest.contains("/site-packages/") && !rest.contains("/dist-packages/")
 }
