@@ -5,6 +5,7 @@
 mod agent;
 mod capture;
 mod diagnose;
+pub mod dump;
 mod findings;
 mod ps;
 mod report;
@@ -41,6 +42,9 @@ pub enum Command {
     Capture(capture::CaptureArgs),
     /// The Python processes an agent sees and watches.
     Targets(targets::TargetsArgs),
+    /// Every thread's Python stack now, with names, GIL, what each waits
+    /// for, and deadlock verdicts.
+    Dump(dump::DumpArgs),
 }
 
 /// Runs a parsed command line.
@@ -52,6 +56,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Findings(args) => findings::run(args),
         Command::Capture(args) => capture::run(args),
         Command::Targets(args) => targets::run(args),
+        Command::Dump(args) => dump::run(args),
     }
 }
 
@@ -83,6 +88,13 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
             return match e {
                 InspectError::PermissionDenied { .. } => 77,
                 _ => 2,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<crate::dump::DumpError>() {
+            return match e {
+                e if e.is_permission() => 77,
+                crate::dump::DumpError::Inspect(_) | crate::dump::DumpError::Exited { .. } => 2,
+                _ => 1,
             };
         }
         if let Some(e) = cause.downcast_ref::<crate::bpf::BpfError>()
