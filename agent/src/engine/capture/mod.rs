@@ -8,6 +8,8 @@
 //! store so `GetCapture` works after a restart, and deletes the oldest
 //! artifacts beyond `keep`.
 
+pub mod dump;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -92,7 +94,7 @@ pub trait Capturer: Send + Sync + 'static {
 pub type Constructor = fn() -> Arc<dyn Capturer>;
 
 /// The built-in capture kinds, one line each.
-pub const BUILTIN: &[Constructor] = &[];
+pub const BUILTIN: &[Constructor] = &[dump::new];
 
 /// A capture request as clients make it.
 #[derive(Clone, Debug, Default)]

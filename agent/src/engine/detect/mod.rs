@@ -14,6 +14,7 @@
 //! `[detectors.NAME]` in the config (`enabled` and `interval` are handled
 //! here; everything else is the detector's, read through [`Settings`]).
 
+pub mod deadlock;
 pub mod registry;
 pub mod scheduler;
 
@@ -157,4 +158,4 @@ impl Settings {
 pub type Constructor = fn(&Settings) -> Result<Arc<dyn Detector>, DetectError>;
 
 /// The built-in detectors: `(name, constructor)`, one line each.
-pub const BUILTIN: &[(&str, Constructor)] = &[];
+pub const BUILTIN: &[(&str, Constructor)] = &[("deadlock", deadlock::new)];
