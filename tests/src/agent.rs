@@ -54,6 +54,16 @@ impl AgentProc {
 
     /// Like [`AgentProc::start`] on a given gRPC port (restarts reuse it).
     pub fn start_on(data_dir: &Path, port: u16, extra: &[&str]) -> AgentProc {
+        Self::start_env(data_dir, port, extra, &[])
+    }
+
+    /// Like [`AgentProc::start_on`] with extra environment (`PYMEDIC_*`).
+    pub fn start_env(
+        data_dir: &Path,
+        port: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> AgentProc {
         let grpc: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         std::fs::create_dir_all(data_dir).unwrap();
@@ -73,6 +83,7 @@ impl AgentProc {
             .arg(data_dir)
             .args(extra)
             .env("RUST_LOG", "pymedic=info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
