@@ -45,10 +45,11 @@ pub(super) async fn run(engine: Arc<Engine>, selector: Selector) {
 async fn ebpf(engine: Arc<Engine>, selector: Selector, mut d: Discovery) {
     let mut counters = tokio::time::interval(Duration::from_secs(5));
     let mut first = true;
+    // The initial /proc scan is queued inside Discovery when `start`
+    // returns; shortly after, those processes are known: ready.
+    let ready_at = tokio::time::sleep(Duration::from_millis(200));
+    tokio::pin!(ready_at);
     loop {
-        // The initial /proc scan is queued inside Discovery: once the queue
-        // drains (a short idle wait), the agent is ready.
-        let idle = tokio::time::sleep(Duration::from_millis(if first { 200 } else { 3_600_000 }));
         tokio::select! {
             ev = d.next() => match ev {
                 Ok(ProcessEvent::Started { process, start_ticks, .. }) => {
@@ -68,7 +69,7 @@ async fn ebpf(engine: Arc<Engine>, selector: Selector, mut d: Discovery) {
                     return poll(engine, selector).await;
                 }
             },
-            _ = idle, if first => {
+            _ = &mut ready_at, if first => {
                 first = false;
                 engine.ready.store(true, Ordering::Release);
             }
