@@ -5,8 +5,10 @@
 //! * `test`   — setup, then every test (unit, integration, privileged eBPF).
 //! * `bench`  — benchmarks that print ratios against a baseline measured in
 //!   the same run.
+//! * `codegen` — regenerate committed generated code (CPython layouts).
 
 mod cmd;
+mod codegen;
 mod setup;
 mod test;
 
@@ -34,6 +36,8 @@ enum Task {
     },
     /// Set up, then run every test, including the privileged eBPF ones.
     Test(test::TestArgs),
+    /// Regenerate committed generated code: `cargo xtask codegen layouts [--check]`.
+    Codegen(codegen::CodegenArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +46,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup().map(|_| ()),
         Task::Run { args } => run(args),
         Task::Test(args) => test::test(args),
+        Task::Codegen(args) => codegen::codegen(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
