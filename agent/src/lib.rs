@@ -8,3 +8,5 @@ pub mod cgroup;
 pub mod cli;
 pub mod discovery;
 pub mod procinfo;
+pub mod profile;
+pub mod pystack;

@@ -74,6 +74,11 @@ impl BpfError {
     }
 }
 
+/// True when `e` (or a cause) is the kernel refusing for lack of privilege.
+pub fn is_permission_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    is_eperm(e)
+}
+
 fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {

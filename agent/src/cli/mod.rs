@@ -3,6 +3,7 @@
 //! with `--json`, per INTERFACE.md.
 
 mod ps;
+mod record;
 
 use std::process::ExitCode;
 
@@ -25,12 +26,16 @@ pub struct Cli {
 pub enum Command {
     /// List the Python processes on this host (or watch them come and go).
     Ps(ps::PsArgs),
+    /// Record a CPU (or, with --off-cpu, wall-clock) profile of Python
+    /// processes: pprof, speedscope, flame graph or collapsed stacks.
+    Record(record::RecordArgs),
 }
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Ps(args) => ps::run(args),
+        Command::Record(args) => record::run(args),
     }
 }
 

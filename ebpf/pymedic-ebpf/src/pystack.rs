@@ -21,6 +21,8 @@
 //! a cached entry is used only while its `thread_id` still matches, and on a
 //! miss the interpreter's thread list is walked (bounded).
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     Global,
     bindings::BPF_NOEXIST,
@@ -67,7 +69,7 @@ const FRAME_WORDS: usize = 2 * FRAME_READ_MAX as usize / 8;
 static PY_TASK_FSBASE_OFF: Global<u32> = Global::new(0);
 
 /// Frames the walker may visit: recorded ones plus skipped C-stack shims.
-const MAX_VISITED: usize = MAX_FRAMES + MAX_FRAMES / 4;
+const MAX_VISITED: u32 = (MAX_FRAMES + MAX_FRAMES / 4) as u32;
 
 /// Why no stack was captured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,19 +148,67 @@ pub fn current_thread_state(info: &PyProcInfo, tid: u32) -> Result<u64, CaptureE
     if interp == 0 {
         return Err(CaptureError::NoThreadState);
     }
-    let mut tstate = read_user_u64(interp + info.interp_tstate_head as u64)?;
-    for _ in 0..MAX_THREADS_WALKED {
-        if tstate == 0 {
-            break;
-        }
-        if read_user_u64(tstate + info.tstate_thread_id as u64)? == pthread {
-            let entry = PyThreadCache { tstate, pthread };
-            let _ = PY_THREADS.insert(tid, entry, 0);
-            return Ok(tstate);
-        }
-        tstate = read_user_u64(tstate + info.tstate_next as u64)?;
+    let first = read_user_u64(interp + info.interp_tstate_head as u64)?;
+    let mut walk = ThreadWalk {
+        tstate: first,
+        pthread,
+        next_off: info.tstate_next as u64,
+        thread_id_off: info.tstate_thread_id as u64,
+        found: 0,
+    };
+    // SAFETY: bpf_loop calls `thread_step` at most MAX_THREADS_WALKED times
+    // with a pointer to `walk`, which outlives the call.
+    unsafe {
+        generated::bpf_loop(
+            MAX_THREADS_WALKED,
+            thread_step as *mut c_void,
+            (&raw mut walk).cast(),
+            0,
+        )
+    };
+    if walk.found != 0 {
+        let entry = PyThreadCache {
+            tstate: walk.found,
+            pthread,
+        };
+        let _ = PY_THREADS.insert(tid, entry, 0);
+        return Ok(walk.found);
     }
     Err(CaptureError::NoThreadState)
+}
+
+/// State of the bounded walk over an interpreter's thread list.
+#[repr(C)]
+struct ThreadWalk {
+    tstate: u64,
+    pthread: u64,
+    next_off: u64,
+    thread_id_off: u64,
+    found: u64,
+}
+
+/// One step of the thread-list walk (a `bpf_loop` callback): 1 stops.
+extern "C" fn thread_step(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the `ThreadWalk` given to it.
+    let w = unsafe { &mut *(ctx as *mut ThreadWalk) };
+    if w.tstate == 0 {
+        return 1;
+    }
+    match read_user_u64(w.tstate + w.thread_id_off) {
+        Ok(id) if id == w.pthread => {
+            w.found = w.tstate;
+            return 1;
+        }
+        Ok(_) => {}
+        Err(_) => return 1,
+    }
+    match read_user_u64(w.tstate + w.next_off) {
+        Ok(next) => {
+            w.tstate = next;
+            0
+        }
+        Err(_) => 1,
+    }
 }
 
 /// The innermost frame of a thread state (0: no Python frame running).
@@ -179,70 +229,116 @@ fn field(words: &[u64; FRAME_WORDS], off: u32, bits: u32) -> u64 {
     if bits >= 64 { v } else { v & ((1u64 << bits) - 1) }
 }
 
-/// Walks the frames starting at `frame` into `out`; returns the stack id.
-#[inline(always)]
-fn walk(info: &PyProcInfo, mut frame: u64, out: &mut PyStack) -> Result<u64, CaptureError> {
-    let buf = PY_FRAME_BUF.get_ptr_mut(0).ok_or(CaptureError::Scratch)?;
+/// State of the bounded frame walk.
+#[repr(C)]
+struct FrameWalk {
+    frame: u64,
+    hash: u64,
+    n: u32,
+    flags: u32,
+    read_len: u32,
+    pointer_instr: u32,
+    previous: u32,
+    code: u32,
+    instr: u32,
+    owner: u32,
+    owner_cstack: u32,
+    code_adaptive: u32,
+}
+
+/// One step of the frame walk (a `bpf_loop` callback): reads one frame,
+/// appends it to the per-CPU stack unless it is a C-stack shim. 1 stops.
+extern "C" fn frame_step(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the `FrameWalk` given to it.
+    let w = unsafe { &mut *(ctx as *mut FrameWalk) };
+    if w.frame == 0 {
+        return 1;
+    }
+    let (Some(buf), Some(out)) = (PY_FRAME_BUF.get_ptr_mut(0), PY_SCRATCH.get_ptr_mut(0)) else {
+        w.flags |= STACK_PARTIAL;
+        return 1;
+    };
     // SAFETY: per-CPU scratch, used by nothing else while we run.
-    let words = unsafe { &mut *buf };
-    let len = info.frame_read_len.min(FRAME_READ_MAX).max(8);
-    let pointer_instr = info.flags & PROC_INSTR_IS_POINTER != 0;
-    let mut n = 0usize;
-    let mut flags = 0u32;
-    let mut hash = STACK_HASH_INIT;
-    for _ in 0..MAX_VISITED {
-        if frame == 0 {
-            break;
-        }
-        // SAFETY: fault-tolerant user read of `len` ≤ FRAME_READ_MAX bytes
-        // into a per-CPU buffer of FRAME_READ_MAX bytes.
-        let rc = unsafe {
-            generated::bpf_probe_read_user(
-                words.as_mut_ptr().cast(),
-                len & (FRAME_READ_MAX * 2 - 1),
-                frame as *const _,
-            )
-        };
-        if rc != 0 {
-            flags |= STACK_PARTIAL;
-            break;
-        }
-        let previous = field(words, info.frame_previous, 64);
-        if info.frame_owner != NO_OFFSET
-            && field(words, info.frame_owner, 8) == info.owner_cstack as u64
-        {
-            frame = previous;
-            continue;
-        }
-        let code = field(words, info.frame_code, 64);
-        let instr = if pointer_instr {
-            let ptr = field(words, info.frame_instr, 64);
-            ptr.wrapping_sub(code + info.code_adaptive as u64) as u32
-        } else {
-            field(words, info.frame_instr, 32) as u32
-        };
-        let Some(slot) = out.frames.get_mut(n) else {
-            flags |= STACK_TRUNCATED;
-            break;
-        };
-        *slot = PyFrame {
-            code,
-            instr,
-            _pad: 0,
-        };
-        hash = stack_hash_step(stack_hash_step(hash, code), instr as u64);
-        n += 1;
-        frame = previous;
+    let (words, out) = unsafe { (&mut *buf, &mut *out) };
+    // SAFETY: fault-tolerant user read of at most 255 bytes into a per-CPU
+    // buffer of 2 × FRAME_READ_MAX = 256 bytes.
+    let rc = unsafe {
+        generated::bpf_probe_read_user(
+            words.as_mut_ptr().cast(),
+            w.read_len & (FRAME_READ_MAX * 2 - 1),
+            w.frame as *const c_void,
+        )
+    };
+    if rc != 0 {
+        w.flags |= STACK_PARTIAL;
+        return 1;
     }
-    if frame != 0 && flags & STACK_PARTIAL == 0 {
-        flags |= STACK_TRUNCATED;
+    let previous = field(words, w.previous, 64);
+    if w.owner != NO_OFFSET && field(words, w.owner, 8) == w.owner_cstack as u64 {
+        w.frame = previous;
+        return 0;
     }
-    out.len = n as u32;
-    out.flags = flags;
-    if n == 0 {
+    let code = field(words, w.code, 64);
+    let instr = if w.pointer_instr != 0 {
+        field(words, w.instr, 64).wrapping_sub(code + w.code_adaptive as u64) as u32
+    } else {
+        field(words, w.instr, 32) as u32
+    };
+    let Some(slot) = out.frames.get_mut(w.n as usize) else {
+        w.flags |= STACK_TRUNCATED;
+        return 1;
+    };
+    *slot = PyFrame {
+        code,
+        instr,
+        _pad: 0,
+    };
+    w.hash = stack_hash_step(stack_hash_step(w.hash, code), instr as u64);
+    w.n += 1;
+    w.frame = previous;
+    0
+}
+
+/// Walks the frames starting at `frame` into the per-CPU stack; returns
+/// the stack id.
+#[inline(always)]
+fn walk(info: &PyProcInfo, frame: u64) -> Result<u64, CaptureError> {
+    let mut w = FrameWalk {
+        frame,
+        hash: STACK_HASH_INIT,
+        n: 0,
+        flags: 0,
+        read_len: info.frame_read_len.clamp(8, FRAME_READ_MAX),
+        pointer_instr: info.flags & PROC_INSTR_IS_POINTER,
+        previous: info.frame_previous,
+        code: info.frame_code,
+        instr: info.frame_instr,
+        owner: info.frame_owner,
+        owner_cstack: info.owner_cstack,
+        code_adaptive: info.code_adaptive,
+    };
+    // SAFETY: bpf_loop calls `frame_step` at most MAX_VISITED times with a
+    // pointer to `w`, which outlives the call.
+    unsafe {
+        generated::bpf_loop(
+            MAX_VISITED,
+            frame_step as *mut c_void,
+            (&raw mut w).cast(),
+            0,
+        )
+    };
+    if w.frame != 0 && w.flags & STACK_PARTIAL == 0 {
+        w.flags |= STACK_TRUNCATED;
+    }
+    let out = PY_SCRATCH.get_ptr_mut(0).ok_or(CaptureError::Scratch)?;
+    // SAFETY: per-CPU scratch, used by nothing else while we run.
+    let out = unsafe { &mut *out };
+    out.len = w.n;
+    out.flags = w.flags;
+    if w.n == 0 {
         return Ok(EMPTY_STACK_ID);
     }
-    let id = stack_hash_step(hash, flags as u64);
+    let id = stack_hash_step(w.hash, w.flags as u64);
     Ok(if id == EMPTY_STACK_ID { 1 } else { id })
 }
 
@@ -258,10 +354,10 @@ pub fn capture_current(tgid: u32, tid: u32) -> Result<(u64, u32), CaptureError> 
     let info = proc_info(tgid).ok_or(CaptureError::NotPython)?;
     let tstate = current_thread_state(info, tid)?;
     let frame = current_frame(info, tstate)?;
-    let scratch = PY_SCRATCH.get_ptr_mut(0).ok_or(CaptureError::Scratch)?;
+    let id = walk(info, frame)?;
+    let scratch = PY_SCRATCH.get_ptr(0).ok_or(CaptureError::Scratch)?;
     // SAFETY: per-CPU scratch, used by nothing else while we run.
-    let stack = unsafe { &mut *scratch };
-    let id = walk(info, frame, stack)?;
+    let stack = unsafe { &*scratch };
     let flags = stack.flags;
     if id == EMPTY_STACK_ID || PY_STACKS.get_ptr(id).is_some() {
         return Ok((id, flags));
