@@ -1,8 +1,15 @@
-"""A thread that sleeps 70 % of its wall time at one known line (marked
-SLEEP-LINE) and burns CPU the other 30 %, in a loop; the main thread waits.
-Usage: sleeper.py. Prints READY when running."""
+"""A thread that spends 70 % of its wall time sleeping at one known line
+(the line marked with the SLEEP-LINE comment) and the rest burning CPU, in a
+loop; the main thread waits for it. Usage: sleeper.py. Prints READY.
+
+Burning 30 ms of wall time can take longer when the machine is busy (the
+thread is preempted near the end of the loop), so each sleep is sized from
+the time actually slept and spent so far: over any window of a few cycles
+the sleeping share stays 70 %."""
 import threading
 import time
+
+SHARE = 0.7
 
 
 def burn(seconds):
@@ -18,9 +25,15 @@ def nap(seconds):
 
 
 def worker():
+    start = time.perf_counter()
+    slept = 0.0
     while True:
-        nap(0.07)
         burn(0.03)
+        elapsed = time.perf_counter() - start
+        want = (SHARE * elapsed - slept) / (1 - SHARE)
+        t0 = time.perf_counter()
+        nap(min(max(want, 0.0), 0.5))
+        slept += time.perf_counter() - t0
 
 
 t = threading.Thread(target=worker, name="sleeper", daemon=True)
