@@ -300,3 +300,78 @@ impl Symbolizer {
         self.procs.get(&pid)?.stacks.get(&id).cloned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pymedic_common::pystack::{MAX_FRAMES, stack_id};
+    use pymedic_python::{FakeMemory, Version};
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn every_layout_fits_the_kernel_walker() {
+        for l in layout::LAYOUTS.iter() {
+            let info = proc_info_for(l, 0x1000).unwrap_or_else(|| panic!("{:?}", l.version));
+            assert!(info.frame_read_len <= FRAME_READ_MAX && info.frame_read_len >= 16);
+            assert_eq!(info.interp_head_addr, 0x1000 + u64::from(l.runtime.interpreters_head));
+            let pointer = info.flags & PROC_INSTR_IS_POINTER != 0;
+            assert_eq!(pointer, l.version >= (3, 11), "{:?}", l.version);
+            assert_eq!(info.code_adaptive != NO_OFFSET, l.version >= (3, 11));
+            assert_eq!(info.cframe_current_frame != NO_OFFSET, matches!(l.version, (3, 11) | (3, 12)));
+            assert_eq!(info.frame_owner != NO_OFFSET, l.version >= (3, 12));
+        }
+    }
+
+    /// Stacks captured by the real kernel walker on every interpreter
+    /// (`agent/tests/pystack_fixture.rs` records them as root), decoded and
+    /// symbolized here from the recorded bytes alone.
+    #[test]
+    fn replays_recorded_stacks() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let doc: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let version = Version::parse(doc["version"].as_str().unwrap()).unwrap();
+            let memory = FakeMemory::from_bytes(&unhex(doc["memory"].as_str().unwrap())).unwrap();
+            let runtime = doc["runtime_addr"].as_u64().unwrap();
+            let interp = Interpreter::new(memory, version, runtime).unwrap();
+            for s in doc["stacks"].as_array().unwrap() {
+                let bytes = unhex(s["stack"].as_str().unwrap());
+                assert_eq!(bytes.len(), std::mem::size_of::<PyStack>());
+                // SAFETY: PyStack is plain data; any bytes of its size are a value.
+                let stack: PyStack = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+                assert!(stack.len as usize <= MAX_FRAMES);
+                let id = u64::from_str_radix(s["id"].as_str().unwrap(), 16).unwrap();
+                assert_eq!(stack_id(&stack), id, "{}: stack id", path.display());
+                let frames: Vec<String> = stack
+                    .frames()
+                    .iter()
+                    .rev()
+                    .map(|f| symbolize_frame(&interp, f).label())
+                    .collect();
+                let expected: Vec<String> = s["frames"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect();
+                assert_eq!(frames, expected, "{}", path.display());
+                assert!(
+                    frames.iter().any(|f| f.starts_with("burn_") || f.starts_with("spin ")),
+                    "{}: {frames:?}",
+                    path.display()
+                );
+                seen += 1;
+            }
+        }
+        assert!(seen >= 7, "only {seen} recorded stacks replayed");
+    }
+}

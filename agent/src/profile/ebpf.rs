@@ -139,6 +139,28 @@ impl EbpfSampler {
             .collect()
     }
 
+    /// Every (pid, stack id, captured stack) in the kernel maps right now,
+    /// unsymbolized: for recording replay fixtures and debugging.
+    pub fn raw_stacks(&self) -> Result<Vec<(u32, u64, pymedic_common::pystack::PyStack)>, BpfError> {
+        let map = self.bpf.map(SAMPLES_MAP).ok_or(BpfError::MissingMap {
+            object: OBJECT,
+            map: SAMPLES_MAP,
+        })?;
+        let samples: BpfHashMap<_, SampleKey, SampleValue> =
+            BpfHashMap::try_from(map).map_err(map_err(SAMPLES_MAP))?;
+        let keys: Vec<SampleKey> = samples.keys().filter_map(Result::ok).collect();
+        let mut out = Vec::new();
+        for key in keys {
+            if key.stack_id == EMPTY_STACK_ID {
+                continue;
+            }
+            if let Some(stack) = pystack::read_stack(&self.bpf, key.stack_id)? {
+                out.push((key.pid, key.stack_id, stack));
+            }
+        }
+        Ok(out)
+    }
+
     fn samples_map(&mut self) -> Result<BpfHashMap<&mut MapData, SampleKey, SampleValue>, BpfError> {
         let map = self.bpf.map_mut(SAMPLES_MAP).ok_or(BpfError::MissingMap {
             object: OBJECT,

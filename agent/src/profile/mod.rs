@@ -108,10 +108,14 @@ impl ProfileError {
     }
 }
 
-/// A running sampler.
-trait Sampler: Send {
+/// A running sampler ([`ebpf::EbpfSampler`], [`pyspy::PySpySampler`]);
+/// [`Profiler`] wraps one. Public so tools can drive a sampler directly.
+pub trait Sampler: Send {
+    /// Starts sampling process `p`.
     fn add_target(&mut self, p: &PythonProcess) -> Result<(), ProfileError>;
+    /// Stops sampling process `pid`.
     fn remove_target(&mut self, pid: u32);
+    /// Collects and returns progress counters.
     fn poll(&mut self) -> Result<Progress, ProfileError>;
     /// The profile since the last `take` (or start), and resets it.
     fn take(&mut self) -> Result<Profile, ProfileError>;
