@@ -84,7 +84,9 @@ pub fn proc_info_for(l: &Layout, runtime_addr: u64) -> Option<PyProcInfo> {
         Some(owner) if owner_cstack != NO_OFFSET => owner,
         _ => NO_OFFSET,
     };
-    let mut read_len = (f.previous + 8).max(f.code + 8).max(frame_instr + instr_len);
+    let mut read_len = (f.previous + 8)
+        .max(f.code + 8)
+        .max(frame_instr + instr_len);
     if frame_owner != NO_OFFSET {
         read_len = read_len.max(frame_owner + 1);
     }
@@ -319,11 +321,17 @@ mod tests {
         for l in layout::LAYOUTS.iter() {
             let info = proc_info_for(l, 0x1000).unwrap_or_else(|| panic!("{:?}", l.version));
             assert!(info.frame_read_len <= FRAME_READ_MAX && info.frame_read_len >= 16);
-            assert_eq!(info.interp_head_addr, 0x1000 + u64::from(l.runtime.interpreters_head));
+            assert_eq!(
+                info.interp_head_addr,
+                0x1000 + u64::from(l.runtime.interpreters_head)
+            );
             let pointer = info.flags & PROC_INSTR_IS_POINTER != 0;
             assert_eq!(pointer, l.version >= (3, 11), "{:?}", l.version);
             assert_eq!(info.code_adaptive != NO_OFFSET, l.version >= (3, 11));
-            assert_eq!(info.cframe_current_frame != NO_OFFSET, matches!(l.version, (3, 11) | (3, 12)));
+            assert_eq!(
+                info.cframe_current_frame != NO_OFFSET,
+                matches!(l.version, (3, 11) | (3, 12))
+            );
             assert_eq!(info.frame_owner != NO_OFFSET, l.version >= (3, 12));
         }
     }
@@ -365,7 +373,9 @@ mod tests {
                     .collect();
                 assert_eq!(frames, expected, "{}", path.display());
                 assert!(
-                    frames.iter().any(|f| f.starts_with("burn_") || f.starts_with("spin ")),
+                    frames
+                        .iter()
+                        .any(|f| f.starts_with("burn_") || f.starts_with("spin ")),
                     "{}: {frames:?}",
                     path.display()
                 );

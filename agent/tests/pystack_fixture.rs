@@ -51,8 +51,9 @@ fn record_pystack_fixtures() {
         std::thread::sleep(Duration::from_millis(800));
         let stacks = sampler.raw_stacks().expect("read stacks");
         assert!(!stacks.is_empty(), "{}: no stacks", py.label);
-        let interp = Interpreter::for_process(RecordingMemory::new(LiveMemory::new(process.pid)), &process)
-            .expect("interpreter");
+        let interp =
+            Interpreter::for_process(RecordingMemory::new(LiveMemory::new(process.pid)), &process)
+                .expect("interpreter");
         let mut entries = Vec::new();
         for (_, id, stack) in stacks.iter().take(8) {
             let frames: Vec<String> = stack

@@ -17,12 +17,15 @@ fn tmp(name: &str) -> PathBuf {
 
 /// Parses collapsed stacks: (frames outermost first, value).
 fn parse_collapsed(path: &Path) -> Vec<(Vec<String>, u64)> {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     text.lines()
         .filter_map(|l| {
             let (stack, v) = l.rsplit_once(' ')?;
-            Some((stack.split(';').map(str::to_string).collect(), v.parse().ok()?))
+            Some((
+                stack.split(';').map(str::to_string).collect(),
+                v.parse().ok()?,
+            ))
         })
         .collect()
 }
@@ -64,7 +67,11 @@ fn record(pid: u32, extra: &[&str], out: &Path) {
 
 fn py_spy() -> PathBuf {
     let venv = repo_root().join("target/venv/bin/py-spy");
-    if venv.exists() { venv } else { PathBuf::from("py-spy") }
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("py-spy")
+    }
 }
 
 const SPLIT: [(&str, f64); 3] = [("burn_a", 60.0), ("burn_b", 30.0), ("burn_c", 10.0)];
@@ -76,7 +83,18 @@ fn check_cpu_split(py: &Python) {
     let pid = target.pid().to_string();
     // py-spy records the same seconds of the same process.
     let mut spy = Command::new(py_spy())
-        .args(["record", "--nonblocking", "-r", "200", "-d", "5", "-f", "raw", "-p", &pid])
+        .args([
+            "record",
+            "--nonblocking",
+            "-r",
+            "200",
+            "-d",
+            "5",
+            "-f",
+            "raw",
+            "-p",
+            &pid,
+        ])
         .arg("-o")
         .arg(&theirs)
         .stdout(std::process::Stdio::null())
@@ -88,7 +106,10 @@ fn check_cpu_split(py: &Python) {
         &["--duration", "5s", "--rate", "499", "--format", "collapsed"],
         &ours,
     );
-    assert!(spy.wait().expect("wait for py-spy").success(), "py-spy record failed");
+    assert!(
+        spy.wait().expect("wait for py-spy").success(),
+        "py-spy record failed"
+    );
     let funcs: Vec<&str> = SPLIT.iter().map(|s| s.0).collect();
     let ours = shares(&parse_collapsed(&ours), &funcs);
     for (f, truth) in SPLIT {
@@ -127,7 +148,10 @@ fn record_cpu_shares_match_truth_and_py_spy_on_every_interpreter() {
 /// The line of `marker` in a script.
 fn line_of(script: &str, marker: &str) -> u32 {
     let text = std::fs::read_to_string(repo_root().join("tests/scripts").join(script)).unwrap();
-    text.lines().position(|l| l.contains(marker)).expect("marker") as u32 + 1
+    text.lines()
+        .position(|l| l.contains(marker))
+        .expect("marker") as u32
+        + 1
 }
 
 #[test]
@@ -156,14 +180,19 @@ fn record_off_cpu_shows_the_sleeping_line_at_its_share_of_wall_time() {
                 let at_line: u64 = worker
                     .iter()
                     .filter(|(f, _)| {
-                        f.last()
-                            .is_some_and(|l| l.starts_with("nap (") && l.ends_with(&format!(":{sleep_line})")))
+                        f.last().is_some_and(|l| {
+                            l.starts_with("nap (") && l.ends_with(&format!(":{sleep_line})"))
+                        })
                     })
                     .map(|s| s.1)
                     .sum();
                 let share = 100.0 * at_line as f64 / total.max(1) as f64;
                 // The thread's wall time is all there (on + off CPU).
-                assert!(total > 3_000_000, "{}: worker wall time {total} µs", py.label);
+                assert!(
+                    total > 3_000_000,
+                    "{}: worker wall time {total} µs",
+                    py.label
+                );
                 assert!(
                     (share - 70.0).abs() <= 7.0,
                     "{}: sleep line at {share:.1}% of the thread's wall time",
@@ -195,7 +224,8 @@ fn record_handles_200_threads_deep_stacks_coroutines_and_generators() {
         let has = |pred: &dyn Fn(&[String]) -> bool| stacks.iter().any(|(f, _)| pred(f));
         // Deep recursion is truncated with a marker, never dropped.
         assert!(
-            has(&|f| f.iter().any(|x| x == "<truncated>") && f.iter().any(|x| function(x) == "deep_leaf")),
+            has(&|f| f.iter().any(|x| x == "<truncated>")
+                && f.iter().any(|x| function(x) == "deep_leaf")),
             "{}: no truncated deep stack",
             py.label
         );
@@ -221,7 +251,12 @@ fn record_handles_200_threads_deep_stacks_coroutines_and_generators() {
             .filter(|(f, _)| f.iter().any(|x| function(x) == "idle_worker"))
             .filter_map(|(f, _)| f.get(1).map(String::as_str))
             .collect();
-        assert!(threads.len() >= 20, "{}: only {} idle threads sampled", py.label, threads.len());
+        assert!(
+            threads.len() >= 20,
+            "{}: only {} idle threads sampled",
+            py.label,
+            threads.len()
+        );
         eprintln!("{}: {} idle threads sampled", py.label, threads.len());
     }
 }
@@ -234,22 +269,34 @@ fn record_writes_pprof_that_go_tool_pprof_reads_and_every_other_format() {
     let py = pythons().into_iter().next().unwrap();
     let target = PyProc::start(&py, "profile/cpu_split.py", &["2"]);
     let pprof = tmp("split.pb.gz");
-    record(target.pid(), &["--duration", "2s", "--format", "pprof"], &pprof);
+    record(
+        target.pid(),
+        &["--duration", "2s", "--format", "pprof"],
+        &pprof,
+    );
     let top = Command::new("go")
         .args(["tool", "pprof", "-top", "-sample_index=samples"])
         .arg(&pprof)
         .output()
         .expect("run `go tool pprof` (Debian golang-go; `cargo xtask setup` installs it)");
     let text = String::from_utf8_lossy(&top.stdout);
-    assert!(top.status.success(), "go tool pprof: {}", String::from_utf8_lossy(&top.stderr));
+    assert!(
+        top.status.success(),
+        "go tool pprof: {}",
+        String::from_utf8_lossy(&top.stderr)
+    );
     assert!(text.contains("burn_a"), "pprof -top:\n{text}");
     let svg = tmp("split.svg");
     record(target.pid(), &["--duration", "1s"], &svg);
     let svg = std::fs::read_to_string(svg).unwrap();
-    assert!(svg.contains("<svg") && svg.contains("burn_a"), "flame graph");
+    assert!(
+        svg.contains("<svg") && svg.contains("burn_a"),
+        "flame graph"
+    );
     let json = tmp("split.speedscope.json");
     record(target.pid(), &["--duration", "1s"], &json);
-    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     assert!(doc["profiles"].as_array().is_some_and(|p| !p.is_empty()));
     assert!(doc["shared"]["frames"].to_string().contains("burn_a"));
 }
@@ -264,7 +311,14 @@ fn record_with_py_spy_sampler_and_a_target_that_exits() {
     let out = tmp("pyspy.txt");
     record(
         target.pid(),
-        &["--duration", "2s", "--sampler", "py-spy", "--format", "collapsed"],
+        &[
+            "--duration",
+            "2s",
+            "--sampler",
+            "py-spy",
+            "--format",
+            "collapsed",
+        ],
         &out,
     );
     let s = shares(&parse_collapsed(&out), &["burn_a"]);
@@ -280,6 +334,9 @@ fn record_with_py_spy_sampler_and_a_target_that_exits() {
     let started = std::time::Instant::now();
     record(pid, &["--duration", "20s", "--format", "collapsed"], &out);
     killer.join().unwrap();
-    assert!(started.elapsed().as_secs() < 10, "record did not stop when its target exited");
+    assert!(
+        started.elapsed().as_secs() < 10,
+        "record did not stop when its target exited"
+    );
     assert!(!parse_collapsed(&out).is_empty());
 }

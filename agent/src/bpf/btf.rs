@@ -111,10 +111,10 @@ impl Btf {
             let kind_flag = info >> 31 == 1;
             let mut members = Vec::new();
             let extra = match kind {
-                1 | 14 | 17 => 4,    // int, var, decl_tag
-                3 => 12,             // array
-                4 | 5 => 12 * vlen,  // struct, union
-                6 | 13 => 8 * vlen,  // enum, func_proto
+                1 | 14 | 17 => 4,     // int, var, decl_tag
+                3 => 12,              // array
+                4 | 5 => 12 * vlen,   // struct, union
+                6 | 13 => 8 * vlen,   // enum, func_proto
                 15 | 19 => 12 * vlen, // datasec, enum64
                 0 | 2 | 7..=12 | 16 | 18 => 0,
                 _ => return Err(BtfError::Malformed("unknown type kind")),
@@ -193,7 +193,9 @@ impl Btf {
                 .ok_or_else(|| BtfError::NotFound(what()))?;
             total += off;
             if i + 1 < path.len() {
-                ty = self.resolve(next).ok_or_else(|| BtfError::NotFound(what()))?;
+                ty = self
+                    .resolve(next)
+                    .ok_or_else(|| BtfError::NotFound(what()))?;
             }
         }
         Ok(total)

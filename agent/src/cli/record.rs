@@ -69,7 +69,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => n / 1000.0,
         "m" | "min" => n * 60.0,
         "h" => n * 3600.0,
-        other => return Err(format!("unknown unit `{other}` in `{s}` (use ms, s, m or h)")),
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{s}` (use ms, s, m or h)"
+            ));
+        }
     };
     if secs <= 0.0 || !secs.is_finite() {
         return Err(format!("the duration must be positive, not `{s}`"));
@@ -108,7 +112,8 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
     let mut targets: Vec<PythonProcess> = Vec::new();
     for &pid in &args.pid {
         targets.push(
-            pymedic_python::inspect(pid).with_context(|| format!("cannot profile process {pid}"))?,
+            pymedic_python::inspect(pid)
+                .with_context(|| format!("cannot profile process {pid}"))?,
         );
     }
     if args.all_python {
@@ -149,9 +154,8 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
     };
 
     let bar = progress_bar(args.quiet, args.duration);
-    let interrupted = super::runtime()?.block_on(async {
-        record_loop(&mut profiler, &args, &targets, &bar).await
-    })?;
+    let interrupted = super::runtime()?
+        .block_on(async { record_loop(&mut profiler, &args, &targets, &bar).await })?;
     bar.finish_and_clear();
 
     let profile = profiler.stop().context("collect the profile")?;
@@ -168,7 +172,11 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         if interrupted { "interrupted; " } else { "" },
         profile.sample_count(),
         profile.processes.len(),
-        if profile.processes.len() == 1 { "" } else { "es" },
+        if profile.processes.len() == 1 {
+            ""
+        } else {
+            "es"
+        },
         profile.duration.as_secs_f64(),
         args.output.display(),
         writer.name(),

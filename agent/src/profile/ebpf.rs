@@ -74,8 +74,8 @@ impl EbpfSampler {
     /// Loads and attaches the profiling programs.
     pub fn start(config: &ProfileConfig) -> Result<EbpfSampler, ProfileError> {
         let root = tracefs::ensure_mounted().map_err(BpfError::from)?;
-        let next_pid_off =
-            tracefs::field_offset(&root, "sched", "sched_switch", "next_pid").map_err(BpfError::from)?;
+        let next_pid_off = tracefs::field_offset(&root, "sched", "sched_switch", "next_pid")
+            .map_err(BpfError::from)?;
         let fsbase_off = pystack::kernel_fsbase_offset()?;
         let period_ns = 1_000_000_000u64 / u64::from(config.rate_hz);
         let off_cpu = u32::from(config.off_cpu);
@@ -87,7 +87,13 @@ impl EbpfSampler {
             l.override_global(GLOBAL_SAMPLE_PERIOD_NS, &period_ns, true);
             l.map_max_entries(PY_STACKS_MAP, max_stacks);
         })?;
-        bpf::attach_tracepoint(&mut bpf, OBJECT, "profile_exit", "sched", "sched_process_exit")?;
+        bpf::attach_tracepoint(
+            &mut bpf,
+            OBJECT,
+            "profile_exit",
+            "sched",
+            "sched_process_exit",
+        )?;
         if config.off_cpu {
             bpf::attach_tracepoint(&mut bpf, OBJECT, "profile_switch", "sched", "sched_switch")?;
         }
@@ -141,7 +147,9 @@ impl EbpfSampler {
 
     /// Every (pid, stack id, captured stack) in the kernel maps right now,
     /// unsymbolized: for recording replay fixtures and debugging.
-    pub fn raw_stacks(&self) -> Result<Vec<(u32, u64, pymedic_common::pystack::PyStack)>, BpfError> {
+    pub fn raw_stacks(
+        &self,
+    ) -> Result<Vec<(u32, u64, pymedic_common::pystack::PyStack)>, BpfError> {
         let map = self.bpf.map(SAMPLES_MAP).ok_or(BpfError::MissingMap {
             object: OBJECT,
             map: SAMPLES_MAP,
@@ -161,7 +169,9 @@ impl EbpfSampler {
         Ok(out)
     }
 
-    fn samples_map(&mut self) -> Result<BpfHashMap<&mut MapData, SampleKey, SampleValue>, BpfError> {
+    fn samples_map(
+        &mut self,
+    ) -> Result<BpfHashMap<&mut MapData, SampleKey, SampleValue>, BpfError> {
         let map = self.bpf.map_mut(SAMPLES_MAP).ok_or(BpfError::MissingMap {
             object: OBJECT,
             map: SAMPLES_MAP,
@@ -235,10 +245,13 @@ impl EbpfSampler {
     }
 
     fn trim_stacks(&mut self) -> Result<(), BpfError> {
-        let map = self.bpf.map_mut(PY_STACKS_MAP).ok_or(BpfError::MissingMap {
-            object: OBJECT,
-            map: PY_STACKS_MAP,
-        })?;
+        let map = self
+            .bpf
+            .map_mut(PY_STACKS_MAP)
+            .ok_or(BpfError::MissingMap {
+                object: OBJECT,
+                map: PY_STACKS_MAP,
+            })?;
         let mut stacks: BpfHashMap<_, u64, pymedic_common::pystack::PyStack> =
             BpfHashMap::try_from(map).map_err(map_err(PY_STACKS_MAP))?;
         let ids: Vec<u64> = stacks.keys().filter_map(Result::ok).collect();
@@ -398,7 +411,10 @@ impl Sampler for EbpfSampler {
             } else {
                 match self.stacks.get(&(key.pid, key.stack_id)) {
                     Some((f, t)) => (f.as_ref().clone(), *t),
-                    None => (vec![Frame::pseudo("<stack evicted before it was read>")], false),
+                    None => (
+                        vec![Frame::pseudo("<stack evicted before it was read>")],
+                        false,
+                    ),
                 }
             };
             samples.push(Sample {

@@ -129,7 +129,10 @@ pub struct Profiler {
 impl Profiler {
     /// Starts sampling `targets` (more can be added with
     /// [`Profiler::add_target`]).
-    pub fn start(targets: &[PythonProcess], config: ProfileConfig) -> Result<Profiler, ProfileError> {
+    pub fn start(
+        targets: &[PythonProcess],
+        config: ProfileConfig,
+    ) -> Result<Profiler, ProfileError> {
         if !(1..=10_000).contains(&config.rate_hz) {
             return Err(ProfileError::BadRate(config.rate_hz));
         }

@@ -195,7 +195,12 @@ impl Sampler for PySpySampler {
 
     fn take(&mut self) -> Result<Profile, ProfileError> {
         let acc = std::mem::take(&mut *self.shared.acc.lock().unwrap_or_else(|e| e.into_inner()));
-        let names = self.shared.threads.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let names = self
+            .shared
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let samples = acc
             .into_iter()
             .map(|((pid, tid, kind, frames), (count, weight_ns))| Sample {

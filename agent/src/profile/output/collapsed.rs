@@ -58,6 +58,9 @@ mod tests {
         assert!(text.contains(
             "<process 42 python3 app.py>;<thread MainThread 42>;<module> (app.py:10);main (app.py:3);work (app.py:5) 6\n"
         ), "{text}");
-        assert!(text.contains("<thread worker 43>;<no Python frame> 1\n"), "{text}");
+        assert!(
+            text.contains("<thread worker 43>;<no Python frame> 1\n"),
+            "{text}"
+        );
     }
 }

@@ -71,7 +71,9 @@ impl Format {
             Some(Format::Speedscope)
         } else if name.ends_with(".svg") {
             Some(Format::Flamegraph)
-        } else if name.ends_with(".txt") || name.ends_with(".collapsed") || name.ends_with(".folded")
+        } else if name.ends_with(".txt")
+            || name.ends_with(".collapsed")
+            || name.ends_with(".folded")
         {
             Some(Format::Collapsed)
         } else {
