@@ -13,3 +13,5 @@ pub mod engine;
 pub mod grpc;
 pub mod metrics;
 pub mod procinfo;
+pub mod profile;
+pub mod pystack;

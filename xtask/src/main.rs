@@ -7,6 +7,7 @@
 //!   the same run.
 //! * `codegen` — regenerate committed generated code (CPython layouts).
 
+mod bench;
 mod cmd;
 mod codegen;
 mod setup;
@@ -38,6 +39,9 @@ enum Task {
     Test(test::TestArgs),
     /// Regenerate committed generated code: `cargo xtask codegen layouts [--check]`.
     Codegen(codegen::CodegenArgs),
+    /// Benchmarks printing ratios against a baseline of the same run:
+    /// `cargo xtask bench record`.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Task::Run { args } => run(args),
         Task::Test(args) => test::test(args),
         Task::Codegen(args) => codegen::codegen(args),
+        Task::Bench(args) => bench::bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@ mod diagnose;
 pub mod dump;
 mod findings;
 mod ps;
+mod record;
 mod report;
 mod targets;
 
@@ -45,6 +46,9 @@ pub enum Command {
     /// Every thread's Python stack now, with names, GIL, what each waits
     /// for, and deadlock verdicts.
     Dump(dump::DumpArgs),
+    /// Record a CPU (or, with --off-cpu, wall-clock) profile of Python
+    /// processes: pprof, speedscope, flame graph or collapsed stacks.
+    Record(record::RecordArgs),
 }
 
 /// Runs a parsed command line.
@@ -57,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Capture(args) => capture::run(args),
         Command::Targets(args) => targets::run(args),
         Command::Dump(args) => dump::run(args),
+        Command::Record(args) => record::run(args),
     }
 }
 
