@@ -226,7 +226,11 @@ fn current_frame(info: &PyProcInfo, tstate: u64) -> Result<u64, CaptureError> {
 fn field(words: &[u64; FRAME_WORDS], off: u32, bits: u32) -> u64 {
     let word = words[(off as usize >> 3) & (FRAME_WORDS - 1)];
     let v = word >> ((off & 7) * 8);
-    if bits >= 64 { v } else { v & ((1u64 << bits) - 1) }
+    if bits >= 64 {
+        v
+    } else {
+        v & ((1u64 << bits) - 1)
+    }
 }
 
 /// State of the bounded frame walk.
