@@ -9,6 +9,7 @@
 //! artifacts beyond `keep`.
 
 pub mod dump;
+pub mod profile;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -94,7 +95,7 @@ pub trait Capturer: Send + Sync + 'static {
 pub type Constructor = fn() -> Arc<dyn Capturer>;
 
 /// The built-in capture kinds, one line each.
-pub const BUILTIN: &[Constructor] = &[dump::new];
+pub const BUILTIN: &[Constructor] = &[dump::new, profile::cpu, profile::off_cpu];
 
 /// A capture request as clients make it.
 #[derive(Clone, Debug, Default)]

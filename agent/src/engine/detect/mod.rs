@@ -14,6 +14,7 @@
 //! `[detectors.NAME]` in the config (`enabled` and `interval` are handled
 //! here; everything else is the detector's, read through [`Settings`]).
 
+pub mod cpu_hotspot;
 pub mod deadlock;
 pub mod registry;
 pub mod scheduler;
@@ -158,4 +159,7 @@ impl Settings {
 pub type Constructor = fn(&Settings) -> Result<Arc<dyn Detector>, DetectError>;
 
 /// The built-in detectors: `(name, constructor)`, one line each.
-pub const BUILTIN: &[(&str, Constructor)] = &[("deadlock", deadlock::new)];
+pub const BUILTIN: &[(&str, Constructor)] = &[
+    ("deadlock", deadlock::new),
+    ("cpu_hotspot", cpu_hotspot::new),
+];
