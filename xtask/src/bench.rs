@@ -19,8 +19,11 @@ use crate::cmd::{self, workspace_root};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Which benchmark: `record`.
+    /// Which benchmark: `record`, `agent`.
     name: String,
+    /// `agent`: seconds the agent watches the idle and busy processes.
+    #[arg(long, default_value_t = 60)]
+    pub seconds: u64,
     /// Rounds of (baseline, pymedic, py-spy).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -32,7 +35,8 @@ pub struct BenchArgs {
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     match args.name.as_str() {
         "record" => record(&args),
-        other => bail!("unknown benchmark `{other}` (known: record)"),
+        "agent" => crate::bench_agent::run(args.seconds, &python(&args)),
+        other => bail!("unknown benchmark `{other}` (known: record, agent)"),
     }
 }
 

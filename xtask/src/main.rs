@@ -8,6 +8,7 @@
 //! * `codegen` — regenerate committed generated code (CPython layouts).
 
 mod bench;
+mod bench_agent;
 mod cmd;
 mod codegen;
 mod setup;
