@@ -307,7 +307,7 @@ fn judge(
             .filter(|((_, s), _)| s.first() == Some(loc))
             .map(|(k, n)| (k, *n))
             .collect();
-        stacks.sort_by(|a, b| b.1.cmp(&a.1));
+        stacks.sort_by_key(|s| std::cmp::Reverse(s.1));
         for ((tid, frames), _) in stacks.iter().take(3) {
             f.stacks.push(Stack {
                 thread: w

@@ -92,6 +92,14 @@ struct Target {
     busy_level: u32,
 }
 
+/// What a check hands back: the watch (to keep), whether it started, and
+/// the findings (`None`: the detector does not apply).
+type CheckOutcome = (
+    Option<Box<dyn Watch>>,
+    bool,
+    Result<Option<Vec<Finding>>, DetectError>,
+);
+
 struct Done {
     target: TargetId,
     slot: usize,
@@ -376,11 +384,7 @@ fn run_check(
     mut started: bool,
     now: Timestamp,
     since_last: Duration,
-) -> (
-    Option<Box<dyn Watch>>,
-    bool,
-    Result<Option<Vec<Finding>>, DetectError>,
-) {
+) -> CheckOutcome {
     if !started {
         match entry.detector.watch(info) {
             Ok(Some(w)) => {

@@ -36,6 +36,9 @@ impl FindingFilter {
     }
 }
 
+/// Active findings by (kind, severity, count), and the total stored.
+pub type Counts = (Vec<(String, Severity, u64)>, u64);
+
 /// One page of [`Store::list`].
 #[derive(Clone, Debug, Default)]
 pub struct Page {
@@ -254,7 +257,7 @@ impl Store {
     }
 
     /// Active findings by (kind, severity), and the total number stored.
-    pub fn counts(&self) -> Result<(Vec<(String, Severity, u64)>, u64), StoreError> {
+    pub fn counts(&self) -> Result<Counts, StoreError> {
         let conn = self.reader();
         let mut st = conn
             .prepare_cached(
@@ -436,14 +439,14 @@ mod tests {
         let f = finding(&t, 7);
         let now = pymedic_model::now();
         let ev = store
-            .record_pass("deadlock", Some((10, 500)), &[f.clone()], now)
+            .record_pass("deadlock", Some((10, 500)), std::slice::from_ref(&f), now)
             .unwrap();
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].kind, EventType::Opened);
         // Seen again, same content: no event, count and last_seen move.
         let later = now + time::Duration::seconds(5);
         let ev = store
-            .record_pass("deadlock", Some((10, 500)), &[f.clone()], later)
+            .record_pass("deadlock", Some((10, 500)), std::slice::from_ref(&f), later)
             .unwrap();
         assert!(ev.is_empty(), "{ev:?}");
         let got = store.get(&f.id.0).unwrap().unwrap();
@@ -469,7 +472,7 @@ mod tests {
         );
         // Seen again: reopened, same id, first_seen kept.
         let ev = store
-            .record_pass("deadlock", Some((10, 500)), &[f.clone()], later)
+            .record_pass("deadlock", Some((10, 500)), std::slice::from_ref(&f), later)
             .unwrap();
         assert_eq!(ev[0].kind, EventType::Opened);
         assert_eq!(ev[0].finding.first_seen, now);
