@@ -226,7 +226,11 @@ fn current_frame(info: &PyProcInfo, tstate: u64) -> Result<u64, CaptureError> {
 fn field(words: &[u64; FRAME_WORDS], off: u32, bits: u32) -> u64 {
     let word = words[(off as usize >> 3) & (FRAME_WORDS - 1)];
     let v = word >> ((off & 7) * 8);
-    if bits >= 64 { v } else { v & ((1u64 << bits) - 1) }
+    if bits >= 64 {
+        v
+    } else {
+        v & ((1u64 << bits) - 1)
+    }
 }
 
 /// State of the bounded frame walk.
@@ -362,10 +366,10 @@ pub fn capture_current(tgid: u32, tid: u32) -> Result<(u64, u32), CaptureError> 
     if id == EMPTY_STACK_ID || PY_STACKS.get_ptr(id).is_some() {
         return Ok((id, flags));
     }
-    match PY_STACKS.insert(id, &*stack, BPF_NOEXIST as u64) {
+    match PY_STACKS.insert(id, stack, BPF_NOEXIST as u64) {
         Ok(()) => Ok((id, flags)),
         // Another CPU stored the same stack first.
-        Err(e) if e == -17 => Ok((id, flags)),
+        Err(-17) => Ok((id, flags)),
         Err(_) => Err(CaptureError::MapFull),
     }
 }
