@@ -7,6 +7,7 @@
 //!   the same run.
 //! * `codegen` — regenerate committed generated code (CPython layouts).
 
+mod bench;
 mod cmd;
 mod codegen;
 mod setup;
@@ -36,6 +37,9 @@ enum Task {
     },
     /// Set up, then run every test, including the privileged eBPF ones.
     Test(test::TestArgs),
+    /// Benchmarks against a baseline measured in the same run:
+    /// `cargo xtask bench dump`.
+    Bench(bench::BenchArgs),
     /// Regenerate committed generated code: `cargo xtask codegen layouts [--check]`.
     Codegen(codegen::CodegenArgs),
 }
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Task::Run { args } => run(args),
         Task::Test(args) => test::test(args),
         Task::Codegen(args) => codegen::codegen(args),
+        Task::Bench(args) => bench::bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
