@@ -6,7 +6,9 @@
 pub mod bpf;
 pub mod cgroup;
 pub mod cli;
+pub mod deadlock;
 pub mod discovery;
+pub mod dump;
 pub mod procinfo;
 pub mod profile;
 pub mod pystack;

@@ -2,6 +2,7 @@
 //! struct and `run` function. Output is a table (or text) by default and JSON
 //! with `--json`, per INTERFACE.md.
 
+pub mod dump;
 mod ps;
 mod record;
 
@@ -29,6 +30,9 @@ pub enum Command {
     /// Record a CPU (or, with --off-cpu, wall-clock) profile of Python
     /// processes: pprof, speedscope, flame graph or collapsed stacks.
     Record(record::RecordArgs),
+    /// Every thread's Python stack now, with names, GIL, what each waits
+    /// for, and deadlock verdicts.
+    Dump(dump::DumpArgs),
 }
 
 /// Runs a parsed command line.
@@ -36,6 +40,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Ps(args) => ps::run(args),
         Command::Record(args) => record::run(args),
+        Command::Dump(args) => dump::run(args),
     }
 }
 
@@ -64,6 +69,13 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
             return match e {
                 InspectError::PermissionDenied { .. } => 77,
                 _ => 2,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<crate::dump::DumpError>() {
+            return match e {
+                e if e.is_permission() => 77,
+                crate::dump::DumpError::Inspect(_) | crate::dump::DumpError::Exited { .. } => 2,
+                _ => 1,
             };
         }
         if let Some(e) = cause.downcast_ref::<crate::bpf::BpfError>()
