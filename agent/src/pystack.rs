@@ -192,6 +192,11 @@ pub fn frame_lasti(l: &Layout, f: &PyFrame) -> i64 {
 pub trait CodeSource {
     fn layout(&self) -> &'static Layout;
     fn code(&self, addr: u64) -> Option<Arc<Code>>;
+    /// Python thread names (`threading.Thread.name`) by kernel tid, given
+    /// the process's tids; empty when unknown.
+    fn python_thread_names(&self, _task_tids: &[u32]) -> HashMap<u32, String> {
+        HashMap::new()
+    }
 }
 
 impl<M: pymedic_python::memory::ProcessMemory> CodeSource for Interpreter<M> {
@@ -200,6 +205,22 @@ impl<M: pymedic_python::memory::ProcessMemory> CodeSource for Interpreter<M> {
     }
     fn code(&self, addr: u64) -> Option<Arc<Code>> {
         Interpreter::code(self, addr).ok()
+    }
+    fn python_thread_names(&self, task_tids: &[u32]) -> HashMap<u32, String> {
+        let Ok(threads) = self.threads() else {
+            return HashMap::new();
+        };
+        let mut names: HashMap<u64, String> = HashMap::new();
+        let interps: std::collections::BTreeSet<u64> = threads.iter().map(|t| t.interp).collect();
+        for interp in interps {
+            if let Ok(n) = Interpreter::thread_names(self, interp) {
+                names.extend(n);
+            }
+        }
+        self.native_tids(&threads, task_tids)
+            .into_iter()
+            .filter_map(|(pthread, tid)| Some((tid, names.get(&pthread)?.clone())))
+            .collect()
     }
 }
 
@@ -262,6 +283,15 @@ impl Symbolizer {
     /// Start time (clock ticks) of the process known under `pid`.
     pub fn start_ticks(&self, pid: u32) -> Option<u64> {
         self.procs.get(&pid).map(|p| p.start_ticks)
+    }
+
+    /// Python thread names of `pid` by kernel tid (empty when unknown).
+    pub fn thread_names(&self, pid: u32) -> HashMap<u32, String> {
+        let Some(p) = self.procs.get(&pid) else {
+            return HashMap::new();
+        };
+        let tids = crate::procinfo::thread_ids(pid).unwrap_or_default();
+        p.interp.python_thread_names(&tids)
     }
 
     /// Whether stack `id` of `pid` is already symbolized.

@@ -9,6 +9,7 @@
 
 mod bench;
 mod bench_agent;
+mod bench_record;
 mod cmd;
 mod codegen;
 mod setup;
@@ -38,11 +39,11 @@ enum Task {
     },
     /// Set up, then run every test, including the privileged eBPF ones.
     Test(test::TestArgs),
+    /// Benchmarks against a baseline measured in the same run:
+    /// `cargo xtask bench dump`, `cargo xtask bench record`.
+    Bench(bench::BenchArgs),
     /// Regenerate committed generated code: `cargo xtask codegen layouts [--check]`.
     Codegen(codegen::CodegenArgs),
-    /// Benchmarks printing ratios against a baseline of the same run:
-    /// `cargo xtask bench record`.
-    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {

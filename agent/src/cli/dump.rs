@@ -31,6 +31,10 @@ pub struct DumpArgs {
     /// By default pymedic never stops the target.
     #[arg(long)]
     pub blocking: bool,
+    /// Skip lock identification and deadlock analysis (to measure their
+    /// cost in `cargo xtask bench dump`).
+    #[arg(long, hide = true)]
+    pub no_verdicts: bool,
 }
 
 /// `pymedic dump --json`.
@@ -59,6 +63,7 @@ pub fn run(args: DumpArgs) -> anyhow::Result<ExitCode> {
         native: args.native,
         locals: args.locals,
         blocking: args.blocking,
+        no_verdicts: args.no_verdicts,
     };
     if (args.blocking || args.native) && !args.json {
         eprintln!(
@@ -90,7 +95,13 @@ pub fn run(args: DumpArgs) -> anyhow::Result<ExitCode> {
             notes: &snap.notes,
         })?;
     } else {
-        print!("{}", render(&snap, &analysis));
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = out.write_all(render(&snap, &analysis).as_bytes())
+            && e.kind() != std::io::ErrorKind::BrokenPipe
+        {
+            return Err(e.into());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -102,6 +113,9 @@ pub fn snapshot_with_verdicts(
     opts: &DumpOptions,
 ) -> Result<(Snapshot, Analysis), crate::dump::DumpError> {
     let mut snap = dumper.snapshot(opts)?;
+    if opts.no_verdicts {
+        return Ok((snap, Analysis::default()));
+    }
     let mut analysis = deadlock::analyze(&snap);
     if !analysis.deadlocks.is_empty() {
         std::thread::sleep(CONFIRM_AFTER);
@@ -184,8 +198,39 @@ pub fn render(s: &Snapshot, a: &Analysis) -> String {
             }
         }
     }
+    // Chains grouped by the thread they end at: "N threads wait behind X".
+    let mut ends: Vec<(u32, Vec<&Chain>)> = Vec::new();
     for c in &a.chains {
-        let _ = writeln!(o, "\nBLOCKED: {}", c.summary);
+        let last = c.tids.last().copied().unwrap_or(0);
+        match ends.iter_mut().find(|(t, _)| *t == last) {
+            Some((_, v)) => v.push(c),
+            None => ends.push((last, vec![c])),
+        }
+    }
+    for (last, chains) in &ends {
+        let waiters: Vec<String> = chains.iter().map(|c| name_of(c.tids[0])).collect();
+        let c = chains[0];
+        let _ = writeln!(
+            o,
+            "\nBLOCKED (not a deadlock): {} wait{} behind {}, which is not waiting for a lock ({}{})",
+            waiters.join(", "),
+            if waiters.len() == 1 { "s" } else { "" },
+            name_of(*last),
+            c.ends_in,
+            c.ends_at
+                .as_ref()
+                .map(|l| format!(" at {l}"))
+                .unwrap_or_default()
+        );
+        if let Some(t) = by_tid.get(last) {
+            for h in &t.holds {
+                let _ = writeln!(
+                    o,
+                    "  it holds {}, acquired at {}",
+                    h.lock.name, h.acquired_at
+                );
+            }
+        }
     }
     for th in &s.threads {
         let mut flags = vec![if th.active { "active" } else { "idle" }];

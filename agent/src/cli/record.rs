@@ -212,8 +212,7 @@ async fn record_loop(
     } else {
         None
     };
-    let known: std::collections::HashSet<u32> = targets.iter().map(|t| t.pid).collect();
-    let mut alive: std::collections::HashSet<u32> = known.clone();
+    let mut alive: std::collections::HashSet<u32> = targets.iter().map(|t| t.pid).collect();
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let mut tick = tokio::time::interval(POLL_INTERVAL);
@@ -228,17 +227,15 @@ async fn record_loop(
                 }
             } => {
                 match ev? {
-                    ProcessEvent::Started { process, .. } if process.pid != std::process::id() => {
-                        if alive.insert(process.pid) || !known.contains(&process.pid) {
-                            if let Err(e) = profiler.add_target(&process) {
-                                tracing::warn!(pid = process.pid, "cannot profile: {e}");
-                            }
+                    ProcessEvent::Started { process, .. }
+                        if process.pid != std::process::id() && alive.insert(process.pid) =>
+                    {
+                        if let Err(e) = profiler.add_target(&process) {
+                            tracing::warn!(pid = process.pid, "cannot profile: {e}");
                         }
                     }
-                    ProcessEvent::Exited { pid, .. } => {
-                        if alive.remove(&pid) {
-                            profiler.remove_target(pid);
-                        }
+                    ProcessEvent::Exited { pid, .. } if alive.remove(&pid) => {
+                        profiler.remove_target(pid);
                     }
                     _ => {}
                 }

@@ -46,6 +46,9 @@ pub struct DumpOptions {
     pub locals: bool,
     /// Pause the process while reading (a consistent snapshot).
     pub blocking: bool,
+    /// Skip lock identification and holder inference (what the deadlock
+    /// verdict needs): only for measuring what the verdict costs.
+    pub no_verdicts: bool,
 }
 
 /// Why a dump failed.
@@ -227,6 +230,7 @@ impl Dumper {
             },
             pid,
             gil_range: gil_range(interp, main_interp),
+            identify_locks: !opts.no_verdicts,
         };
         let mut dumps = Vec::with_capacity(threads.len());
         for (t, frames) in threads.iter().zip(&stacks) {
@@ -263,7 +267,7 @@ impl Dumper {
         let lock_waits = dumps
             .iter()
             .any(|d| d.waiting.as_ref().is_some_and(|w| w.kind == WaitKind::Lock));
-        if lock_waits {
+        if lock_waits && !opts.no_verdicts {
             for ((t, frames), d) in threads.iter().zip(&stacks).zip(dumps.iter_mut()) {
                 d.holds = classifier
                     .locks

@@ -78,13 +78,11 @@ impl SourceFile {
     fn path(&self, line: u32) -> Vec<(&[Stmt], usize)> {
         let mut path: Vec<(&[Stmt], usize)> = Vec::new();
         let mut block: &[Stmt] = &self.module.body;
-        'descend: loop {
-            let Some(i) = block.iter().position(|s| {
-                let (a, b) = self.lines(s);
-                (a..=b).contains(&line)
-            }) else {
-                break;
-            };
+        let contains = |s: &Stmt| {
+            let (a, b) = self.lines(s);
+            (a..=b).contains(&line)
+        };
+        while let Some(i) = block.iter().position(contains) {
             let stmt = &block[i];
             if matches!(stmt, Stmt::FunctionDef(_) | Stmt::ClassDef(_)) {
                 // A new scope: what came before belongs to another frame.
@@ -92,16 +90,13 @@ impl SourceFile {
             } else {
                 path.push((block, i));
             }
-            for child in child_blocks(stmt) {
-                if child.iter().any(|s| {
-                    let (a, b) = self.lines(s);
-                    (a..=b).contains(&line)
-                }) {
-                    block = child;
-                    continue 'descend;
-                }
+            match child_blocks(stmt)
+                .into_iter()
+                .find(|child| child.iter().any(contains))
+            {
+                Some(child) => block = child,
+                None => break,
             }
-            break;
         }
         path
     }

@@ -25,6 +25,9 @@ pub struct Classifier<'a, M> {
     pub pid: u32,
     /// Address range of the GIL's condition variable and mutex.
     pub gil_range: Option<(u64, u64)>,
+    /// Identify awaited locks from source and memory (else a futex wait
+    /// outside `threading`/`queue` stays an unattributed futex).
+    pub identify_locks: bool,
 }
 
 impl<M: ProcessMemory> Classifier<'_, M> {
@@ -67,7 +70,12 @@ impl<M: ProcessMemory> Classifier<'_, M> {
                     return Some(wait);
                 }
             }
-            match self.awaited_lock(frames, addr, sources) {
+            let lock = if self.identify_locks {
+                self.awaited_lock(frames, addr, sources)
+            } else {
+                None
+            };
+            match lock {
                 Some(lock) => {
                     wait.kind = WaitKind::Lock;
                     if lock.kind == super::model::LockKind::RLock {
@@ -76,7 +84,11 @@ impl<M: ProcessMemory> Classifier<'_, M> {
                     wait.detail = Some(format!("{} {}", lock_type(&lock), lock.name));
                     wait.lock = Some(lock);
                 }
-                None => match self.callee_wait(frames, sources) {
+                None => match self
+                    .identify_locks
+                    .then(|| self.callee_wait(frames, sources))
+                    .flatten()
+                {
                     Some((kind, detail)) => {
                         wait.kind = kind;
                         wait.detail = Some(detail);

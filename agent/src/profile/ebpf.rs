@@ -198,6 +198,7 @@ impl EbpfSampler {
             samples.iter().filter_map(Result::ok).collect()
         };
         let mut stale = Vec::new();
+        let mut new_threads = Vec::new();
         for (key, value) in &entries {
             let prev = self.last.get(key).copied().unwrap_or_default();
             let mut d_count = value.count.saturating_sub(prev.count);
@@ -222,12 +223,15 @@ impl EbpfSampler {
             a.count += d_count;
             a.weight_ns += d_weight;
             self.symbolize(key.pid, key.stack_id)?;
-            if let Some(p) = self.targets.get_mut(&key.pid) {
-                p.threads
-                    .entry(key.tid)
-                    .or_insert_with(|| thread_name(key.pid, key.tid));
+            if self
+                .targets
+                .get(&key.pid)
+                .is_some_and(|p| !p.threads.contains_key(&key.tid))
+            {
+                new_threads.push((key.pid, key.tid));
             }
         }
+        self.name_threads(&new_threads);
         // Keep the kernel maps bounded: drop keys idle since the last poll
         // once the aggregate is half full, and stacks already symbolized
         // once the stack map is half full (the kernel re-adds live ones).
@@ -242,6 +246,24 @@ impl EbpfSampler {
         }
         self.trim_stacks()?;
         Ok(())
+    }
+
+    /// Names threads seen for the first time: the Python thread name when
+    /// the interpreter's thread list has it, else the kernel's `comm`.
+    fn name_threads(&mut self, new: &[(u32, u32)]) {
+        let mut python: HashMap<u32, HashMap<u32, String>> = HashMap::new();
+        for &(pid, tid) in new {
+            let names = python
+                .entry(pid)
+                .or_insert_with(|| self.symbolizer.thread_names(pid));
+            let name = names
+                .get(&tid)
+                .cloned()
+                .unwrap_or_else(|| thread_name(pid, tid));
+            if let Some(p) = self.targets.get_mut(&pid) {
+                p.threads.insert(tid, name);
+            }
+        }
     }
 
     fn trim_stacks(&mut self) -> Result<(), BpfError> {

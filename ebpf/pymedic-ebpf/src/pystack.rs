@@ -366,10 +366,10 @@ pub fn capture_current(tgid: u32, tid: u32) -> Result<(u64, u32), CaptureError> 
     if id == EMPTY_STACK_ID || PY_STACKS.get_ptr(id).is_some() {
         return Ok((id, flags));
     }
-    match PY_STACKS.insert(id, &*stack, BPF_NOEXIST as u64) {
+    match PY_STACKS.insert(id, stack, BPF_NOEXIST as u64) {
         Ok(()) => Ok((id, flags)),
         // Another CPU stored the same stack first.
-        Err(e) if e == -17 => Ok((id, flags)),
+        Err(-17) => Ok((id, flags)),
         Err(_) => Err(CaptureError::MapFull),
     }
 }

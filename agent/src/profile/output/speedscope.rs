@@ -9,6 +9,9 @@ use serde_json::json;
 use super::{OutputError, ProfileWriter, io_err};
 use crate::profile::model::{Frame, Profile, SampleKind, ValueKind};
 
+/// One thread's samples (frame indices, root first) and their weights.
+type ThreadSamples = (Vec<Vec<usize>>, Vec<u64>);
+
 /// The speedscope writer.
 pub struct Speedscope;
 
@@ -21,9 +24,7 @@ impl ProfileWriter for Speedscope {
         let mut frames: Vec<&Frame> = Vec::new();
         let mut frame_index: HashMap<Frame, usize> = HashMap::new();
         let mut stacks: Vec<Vec<Frame>> = Vec::new();
-        // (pid, tid) → (samples, weights)
-        let mut threads: std::collections::BTreeMap<(u32, u32), (Vec<Vec<usize>>, Vec<u64>)> =
-            Default::default();
+        let mut threads: std::collections::BTreeMap<(u32, u32), ThreadSamples> = Default::default();
         for s in &profile.samples {
             stacks.push(profile.stack(s));
         }

@@ -83,7 +83,7 @@ fn add(key: &SampleKey, weight_ns: u64) {
         };
         match PROFILE_SAMPLES.insert(key, value, BPF_NOEXIST as u64) {
             Ok(()) => return,
-            Err(e) if e == -17 => continue, // inserted concurrently: add to it
+            Err(-17) => continue, // inserted concurrently: add to it
             Err(_) => break,
         }
     }
