@@ -372,3 +372,13 @@ pub fn snapshot(pid: u32, opts: &DumpOptions) -> Result<Snapshot, DumpError> {
 pub fn threads_by_tid(s: &Snapshot) -> HashMap<u32, &ThreadDump> {
     s.threads.iter().map(|t| (t.tid, t)).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dumper_can_move_between_threads() {
+        fn send<T: Send>() {}
+        send::<super::Dumper>();
+        send::<super::Snapshot>();
+    }
+}
