@@ -98,7 +98,8 @@ impl DumpError {
             self,
             DumpError::PermissionDenied { .. }
                 | DumpError::Inspect(InspectError::PermissionDenied { .. })
-        ) || matches!(self, DumpError::Pause { reason, .. } if reason.contains("ermission"))
+        ) || matches!(self, DumpError::Pause { reason, .. }
+            if reason.contains("EPERM") || reason.contains("not permitted") || reason.contains("ermission"))
     }
 }
 
