@@ -103,6 +103,7 @@ type CheckOutcome = (
 struct Done {
     target: TargetId,
     slot: usize,
+    det: usize,
     watch: Option<Box<dyn Watch>>,
     started: bool,
     result: Result<Option<Vec<Finding>>, DetectError>,
@@ -255,7 +256,8 @@ impl Scheduler {
             s.last_check = Some(now);
             let watch = s.watch.take();
             let started = s.started;
-            let entry = self.entries[s.det].clone();
+            let det = s.det;
+            let entry = self.entries[det].clone();
             let done_tx = self.done_tx.clone();
             self.running += 1;
             tokio::task::spawn_blocking(move || {
@@ -267,6 +269,7 @@ impl Scheduler {
                 let _ = done_tx.send(Done {
                     target: id,
                     slot,
+                    det,
                     watch,
                     started,
                     result,
@@ -279,13 +282,7 @@ impl Scheduler {
 
     async fn finish(&mut self, done: Done) {
         self.running -= 1;
-        let entry = self.entries[self
-            .targets
-            .get(&done.target)
-            .and_then(|t| t.slots.get(done.slot))
-            .map(|s| s.det)
-            .unwrap_or(0)]
-        .clone();
+        let entry = self.entries[done.det].clone();
         entry.stats.checks.fetch_add(1, Ordering::Relaxed);
         entry
             .stats
@@ -427,6 +424,119 @@ pub fn next_delay(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::detect::Detector;
+    use pymedic_model::{Kind, Layer};
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+    /// Burns `burn` of CPU per check; `applies` false = not applicable.
+    struct Burner {
+        burn: Duration,
+        applies: bool,
+        watches: Arc<AtomicU64>,
+    }
+
+    struct BurnWatch(Duration);
+
+    impl Detector for Burner {
+        fn name(&self) -> &'static str {
+            "burner"
+        }
+        fn layer(&self) -> Layer {
+            Layer::Behavioral
+        }
+        fn kinds(&self) -> Vec<Kind> {
+            vec![]
+        }
+        fn interval(&self) -> Duration {
+            Duration::from_millis(10)
+        }
+        fn watch(&self, _: &TargetInfo) -> Result<Option<Box<dyn Watch>>, DetectError> {
+            self.watches.fetch_add(1, Relaxed);
+            Ok(self
+                .applies
+                .then(|| Box::new(BurnWatch(self.burn)) as Box<dyn Watch>))
+        }
+    }
+
+    impl Watch for BurnWatch {
+        fn check(&mut self, _: &CheckContext<'_>) -> Result<Vec<Finding>, DetectError> {
+            let t0 = thread_cpu_ns();
+            while thread_cpu_ns() - t0 < self.0.as_nanos() as u64 {
+                std::hint::black_box(0u64);
+            }
+            Ok(vec![])
+        }
+    }
+
+    fn me() -> TargetInfo {
+        let pid = std::process::id();
+        TargetInfo {
+            id: TargetId {
+                pid,
+                start_ticks: crate::procinfo::read(pid).unwrap().start_ticks,
+            },
+            process: pymedic_python::PythonProcess {
+                pid,
+                exe: String::new(),
+                version: pymedic_python::Version::new(3, 12, Some(0)),
+                build: pymedic_python::Build::Static,
+                interpreter_file: String::new(),
+                load_bias: 0,
+                runtime_addr: 0,
+            },
+            cmdline: vec![],
+            container: None,
+            pod: None,
+        }
+    }
+
+    async fn run_for(det: Burner, budget: Budget, dur: Duration) -> (u64, usize) {
+        let mut reg = Registry::default();
+        let d = Arc::new(det);
+        reg.register(d.clone(), None);
+        let (tx, mut rx) = mpsc::channel(16);
+        let (ctl, ctl_rx) = mpsc::channel(4);
+        let task = tokio::spawn(Scheduler::new(&reg, budget, tx).run(ctl_rx));
+        ctl.send(Control::Add(Box::new(me()))).await.unwrap();
+        let mut passes = 0;
+        let end = tokio::time::Instant::now() + dur;
+        while let Ok(Some(_)) = tokio::time::timeout_at(end, rx.recv()).await {
+            passes += 1;
+        }
+        drop(ctl);
+        while rx.recv().await.is_some() {}
+        task.await.unwrap();
+        (d.watches.load(Relaxed), passes)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn expensive_checks_are_spaced_by_the_cpu_budget() {
+        let budget = Budget {
+            cpu_budget: 0.05,
+            ..Budget::default()
+        };
+        let burner = Burner {
+            burn: Duration::from_millis(5),
+            applies: true,
+            watches: Arc::default(),
+        };
+        // 5 ms per check at a 5 % budget: one check per 100 ms at most,
+        // although the interval asks for one per 10 ms.
+        let (_, passes) = run_for(burner, budget, Duration::from_millis(1000)).await;
+        assert!((5..=13).contains(&passes), "{passes} checks in 1 s");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_detector_that_does_not_apply_is_asked_once() {
+        let burner = Burner {
+            burn: Duration::ZERO,
+            applies: false,
+            watches: Arc::default(),
+        };
+        let (watches, passes) =
+            run_for(burner, Budget::default(), Duration::from_millis(300)).await;
+        assert_eq!((watches, passes), (1, 0));
+    }
 
     #[test]
     fn delay_respects_budget_and_backoff() {
