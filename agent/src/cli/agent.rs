@@ -122,6 +122,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         .transpose()
         .context("metrics_listen")?;
     let insecure = config.insecure;
+    crate::engine::usage::limit_malloc_arenas();
     let rt = super::runtime()?;
     rt.block_on(async move {
         let data_dir = config.data_dir.clone();

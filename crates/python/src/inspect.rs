@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -104,11 +104,22 @@ const fn libc_esrch() -> i32 {
     3
 }
 
-/// Recognises processes, caching parsed ELF files by (path, inode) so that
-/// scanning a host with many interpreters parses each binary once.
+/// Recognises processes, caching parsed ELF files by (device, inode) so
+/// that scanning a host with many interpreters parses (and maps) each binary
+/// once, whichever process's `/proc/PID/root` it is reached through.
 #[derive(Default)]
 pub struct Inspector {
-    cache: HashMap<(PathBuf, u64), Arc<ElfFile>>,
+    cache: HashMap<(u64, u64), Arc<ElfFile>>,
+}
+
+/// Interpreter files kept parsed at most; beyond, the cache starts over (a
+/// long-running agent sees interpreters come and go with upgrades).
+const MAX_CACHED_FILES: usize = 64;
+
+fn file_key(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let md = std::fs::metadata(path)?;
+    Ok((md.dev(), md.ino()))
 }
 
 /// `libpython3.12.so.1.0`, `libpython3.8d.so` → (3, 12) / (3, 8).
@@ -143,7 +154,8 @@ impl Inspector {
 
     fn elf(&mut self, pid: u32, m: &Mapping) -> Result<Arc<ElfFile>, InspectError> {
         let path = maps::host_path(pid, m.path.as_deref().unwrap_or_default());
-        let key = (path.clone(), m.inode);
+        let key = file_key(&path)
+            .map_err(|e| InspectError::io(pid, "open interpreter file", "files", e))?;
         if let Some(f) = self.cache.get(&key) {
             return Ok(f.clone());
         }
@@ -153,8 +165,18 @@ impl Inspector {
             }
             other => InspectError::Elf { pid, source: other },
         })?);
+        if self.cache.len() >= MAX_CACHED_FILES {
+            self.cache.clear();
+        }
         self.cache.insert(key, f.clone());
         Ok(f)
+    }
+
+    fn forget(&mut self, pid: u32, m: &Mapping) {
+        let path = maps::host_path(pid, m.path.as_deref().unwrap_or_default());
+        if let Ok(key) = file_key(&path) {
+            self.cache.remove(&key);
+        }
     }
 
     /// Recognises process `pid`.
@@ -201,6 +223,9 @@ impl Inspector {
         let elf = self.elf(pid, file_mapping)?;
         let Some(runtime_sym) = elf.symbol("_PyRuntime") else {
             if matches!(build, Build::Static) && !elf.has_symbol("Py_Initialize") {
+                // Not an interpreter: do not keep it mapped (a long-running
+                // agent sees every executable on the host).
+                self.forget(pid, file_mapping);
                 return Err(InspectError::NotPython { pid, exe });
             }
             return Err(InspectError::NoRuntimeSymbol { pid, file });

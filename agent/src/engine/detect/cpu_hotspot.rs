@@ -114,10 +114,16 @@ impl Detector for CpuHotspot {
         if sh.profiler.is_none() {
             let config = ProfileConfig {
                 rate_hz: self.params.rate_hz,
+                // At a low rate, polled every second, few distinct stacks
+                // accumulate: a small map keeps the agent small.
+                max_stacks: 2048,
                 ..ProfileConfig::default()
             };
             match Profiler::start(&[], config) {
-                Ok(p) => sh.profiler = Some(p),
+                Ok(p) => {
+                    sh.profiler = Some(p);
+                    usage::release_free_memory();
+                }
                 Err(e) if e.is_permission() => {
                     tracing::warn!(
                         "cpu_hotspot needs eBPF (CAP_BPF, CAP_PERFMON): {e}; detector off"

@@ -4,6 +4,14 @@
 //! reported only when two consecutive checks see it, so a transient state
 //! never becomes a finding; the finding resolves when a check no longer
 //! sees the cycle.
+//!
+//! Cheap when nothing can be deadlocked: a thread in a lock deadlock is
+//! blocked in `futex(2)` with no timeout (`sem_wait`, `pthread_mutex_lock`,
+//! CPython's parking lot), so a check first reads each thread's
+//! `/proc/PID/task/TID/syscall`; when no thread waits that way (idle in
+//! `sleep`, `epoll_wait`, timed `Event.wait`, or running), no deadlock is
+//! possible and the interpreter is not read at all. A lock acquired with a
+//! timeout is, by definition, not a permanent deadlock.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +21,7 @@ use pymedic_python::InspectError;
 
 use super::{CheckContext, DetectError, Detector, Settings, Watch};
 use crate::deadlock::{self, Deadlock};
-use crate::dump::{DumpError, DumpOptions, Dumper};
+use crate::dump::{DumpError, DumpOptions, Dumper, task};
 use crate::engine::targets::TargetInfo;
 use crate::engine::usage;
 
@@ -87,8 +95,43 @@ struct DeadlockWatch {
     previous: Vec<Deadlock>,
 }
 
+/// True when some thread of `pid` is blocked in `futex(2)` without a
+/// timeout (the only way a thread sits in a lock deadlock).
+fn has_indefinite_futex_waiter(pid: u32) -> Result<bool, DetectError> {
+    let dir = match std::fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(DetectError::Gone { pid });
+        }
+        Err(e) => {
+            return Err(DetectError::Check {
+                detector: NAME,
+                op: "list the threads",
+                message: e.to_string(),
+            });
+        }
+    };
+    for entry in dir.flatten() {
+        let path = entry.path().join("syscall");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue; // exited meanwhile
+        };
+        if task::parse_syscall(&text)
+            .and_then(|s| s.futex_wait())
+            .is_some_and(|(_, timed)| !timed)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 impl Watch for DeadlockWatch {
     fn check(&mut self, cx: &CheckContext<'_>) -> Result<Vec<Finding>, DetectError> {
+        if !has_indefinite_futex_waiter(cx.target.id.pid)? {
+            self.previous.clear();
+            return Ok(Vec::new());
+        }
         let snap = self
             .dumper
             .snapshot(&DumpOptions::default())
