@@ -117,6 +117,32 @@ pub fn run(seconds: u64, py: &Path) -> anyhow::Result<()> {
     let base_cpu = (children_cpu_seconds() - c0) / t0.elapsed().as_secs_f64() * 100.0;
     println!("baseline: py-spy dump of 25 processes every 2 s: {base_cpu:.2} % of one core");
 
+    // The agent with nothing selected: what discovery alone costs on this
+    // host right now (other users' exec rate), to read the next figure.
+    let idle_cpu = {
+        let data = tempdir()?;
+        let agent = Proc(
+            Command::new(&bin)
+                .args(["agent", "--listen", &format!("127.0.0.1:{}", free_port()?)])
+                .arg("--data-dir")
+                .arg(&data)
+                .env("PYMEDIC_TARGETS_ALL", "false")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("start the agent")?,
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        let (c0, _) = cpu_rss(agent.0.id()).context("agent exited")?;
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_secs(base_secs));
+        let (c1, _) = cpu_rss(agent.0.id()).context("agent exited")?;
+        drop(agent);
+        let _ = std::fs::remove_dir_all(&data);
+        (c1 - c0) / t0.elapsed().as_secs_f64() * 100.0
+    };
+    println!("agent with no targets (discovery only, this host's exec rate): {idle_cpu:.3} % of one core");
+
     // The agent, restricted to this bench's processes (by command line).
     let data = tempdir()?;
     let port = free_port()?;
@@ -158,6 +184,10 @@ pub fn run(seconds: u64, py: &Path) -> anyhow::Result<()> {
         if mb(peak) <= 64.0 { "met" } else { "MISSED" },
     );
     println!(
+        "watching 25 targets costs {:.3} % of one core above discovery alone",
+        agent_cpu - idle_cpu
+    );
+    println!(
         "ratio: agent CPU / py-spy-polling CPU = {:.3} ({:.0}x cheaper)",
         agent_cpu / base_cpu,
         base_cpu / agent_cpu.max(1e-9)
@@ -169,7 +199,7 @@ pub fn run(seconds: u64, py: &Path) -> anyhow::Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let storm = start_script(py, "deadlock_storm.py", &["4", "2.0"])?;
+    let storm = start_script(py, "deadlock_storm.py", &["6", "6.0"])?;
     let one = rt.block_on(latency(port, 1, Duration::from_secs(10)))?;
     let hundred = rt.block_on(latency(port, 100, Duration::from_secs(20)))?;
     drop(storm);

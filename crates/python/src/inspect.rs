@@ -110,7 +110,13 @@ const fn libc_esrch() -> i32 {
 #[derive(Default)]
 pub struct Inspector {
     cache: HashMap<(u64, u64), Arc<ElfFile>>,
+    /// Executables already found not to be interpreters (an agent sees
+    /// `cc`, `git`, ... exec again and again; parse each once).
+    not_python: std::collections::HashSet<(u64, u64)>,
 }
+
+/// Non-interpreter executables remembered at most.
+const MAX_NOT_PYTHON: usize = 4096;
 
 /// Interpreter files kept parsed at most; beyond, the cache starts over (a
 /// long-running agent sees interpreters come and go with upgrades).
@@ -172,11 +178,21 @@ impl Inspector {
         Ok(f)
     }
 
+    /// Drops a file found not to be an interpreter, and remembers that.
     fn forget(&mut self, pid: u32, m: &Mapping) {
         let path = maps::host_path(pid, m.path.as_deref().unwrap_or_default());
         if let Ok(key) = file_key(&path) {
             self.cache.remove(&key);
+            if self.not_python.len() >= MAX_NOT_PYTHON {
+                self.not_python.clear();
+            }
+            self.not_python.insert(key);
         }
+    }
+
+    fn known_not_python(&self, pid: u32, m: &Mapping) -> bool {
+        let path = maps::host_path(pid, m.path.as_deref().unwrap_or_default());
+        file_key(&path).is_ok_and(|k| self.not_python.contains(&k))
     }
 
     /// Recognises process `pid`.
@@ -216,6 +232,9 @@ impl Inspector {
                 else {
                     return Err(InspectError::NotPython { pid, exe });
                 };
+                if self.known_not_python(pid, m) {
+                    return Err(InspectError::NotPython { pid, exe });
+                }
                 (m, Build::Static, m.file_name().and_then(exe_version))
             }
         };

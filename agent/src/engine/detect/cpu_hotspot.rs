@@ -2,7 +2,7 @@
 //! CPU, from always-on eBPF sampling at a low rate (the `pymedic record`
 //! profiler, one session shared by every target).
 //!
-//! Each check (every second) collects the samples taken since the last one;
+//! Each check (every two seconds) collects the samples taken since the last one;
 //! every `window` the target's samples are judged: when the process used at
 //! least `min_cores` on average, each Python line whose *self* samples are at
 //! least `min_share` of the process's samples is a hot spot (at most
@@ -58,7 +58,7 @@ pub struct CpuHotspot {
     shared: Arc<Mutex<Shared>>,
 }
 
-/// `[detectors.cpu_hotspot]`: `interval` (1s), `rate_hz` (19), `window`
+/// `[detectors.cpu_hotspot]`: `interval` (2s), `rate_hz` (19), `window`
 /// (10s), `min_cores` (0.25), `min_share` (0.2), `max_findings` (3).
 pub fn new(s: &Settings) -> Result<Arc<dyn Detector>, DetectError> {
     s.only(&[
@@ -106,7 +106,10 @@ impl Detector for CpuHotspot {
     }
 
     fn interval(&self) -> Duration {
-        Duration::from_secs(1)
+        // Samples accumulate in the shared session between checks; the
+        // profiler is polled (and new stacks symbolized) whenever any
+        // target is checked, at most once a second.
+        Duration::from_secs(2)
     }
 
     fn watch(&self, target: &TargetInfo) -> Result<Option<Box<dyn Watch>>, DetectError> {
