@@ -293,6 +293,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn non_interpreters_are_remembered_not_kept_mapped() {
+        let mut i = Inspector::new();
+        let me = std::process::id();
+        assert!(matches!(i.inspect(me), Err(InspectError::NotPython { .. })));
+        assert!(i.cache.is_empty(), "a non-interpreter stays mapped");
+        assert_eq!(i.not_python.len(), 1);
+        assert!(matches!(i.inspect(me), Err(InspectError::NotPython { .. })));
+        assert_eq!(i.not_python.len(), 1);
+    }
+
+    #[test]
     fn names_give_versions() {
         assert_eq!(libpython_version("libpython3.12.so.1.0"), Some((3, 12)));
         assert_eq!(libpython_version("libpython3.8d.so"), Some((3, 8)));
