@@ -2,7 +2,9 @@
 //! struct and `run` function. Output is a table (or text) by default and JSON
 //! with `--json`, per INTERFACE.md.
 
+mod analyze;
 mod ps;
+mod repair;
 
 use std::process::ExitCode;
 
@@ -25,12 +27,19 @@ pub struct Cli {
 pub enum Command {
     /// List the Python processes on this host (or watch them come and go).
     Ps(ps::PsArgs),
+    /// Static analysis of a Python source tree: import graph, impact, lock
+    /// order, resource leaks, blocking calls in coroutines, unbounded containers.
+    Analyze(analyze::AnalyzeArgs),
+    /// Reviewed, reversible source repairs for structural findings.
+    Repair(repair::RepairArgs),
 }
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Ps(args) => ps::run(args),
+        Command::Analyze(args) => analyze::run(args),
+        Command::Repair(args) => repair::run(args),
     }
 }
 
@@ -55,6 +64,15 @@ pub fn init_logging(verbose: u8) {
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     use pymedic_python::InspectError;
     for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<pymedic_analyze::AnalyzeError>() {
+            return match e {
+                pymedic_analyze::AnalyzeError::Thread(_) => 1,
+                _ => 2,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<pymedic_repair::RepairError>() {
+            return e.exit_code();
+        }
         if let Some(e) = cause.downcast_ref::<InspectError>() {
             return match e {
                 InspectError::PermissionDenied { .. } => 77,
