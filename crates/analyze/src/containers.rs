@@ -121,7 +121,16 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
         };
         for d in &f.decorators {
             if let Ty::Function(g) = p.resolve(ctx, d).ty {
-                decorators.insert(g);
+                // A decorator factory's inner functions run at decoration too.
+                let mut stack = vec![g];
+                while let Some(h) = stack.pop() {
+                    if decorators.insert(h) {
+                        stack.extend(p.function(h).local_defs.values().map(|&i| FnId {
+                            file: h.file,
+                            func: i as u32,
+                        }));
+                    }
+                }
             }
         }
     }

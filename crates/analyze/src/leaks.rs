@@ -59,6 +59,46 @@ const TAKES_OWNERSHIP: &[&str] = &[
     "makefile",
 ];
 
+/// Calls that use an argument without keeping it.
+const NON_RETAINING: &[&str] = &[
+    "load", "loads", "dump", "dumps", "read", "readline", "readlines", "write", "fstat",
+    "lseek", "fsync", "ftruncate", "fileno", "len", "isinstance", "str", "repr", "int", "bool",
+    "hash", "id", "type", "getattr", "hasattr", "print", "select", "copyfileobj", "sendfile",
+    "reader", "writer", "DictReader", "DictWriter", "iter", "enumerate", "next", "list", "sorted",
+    "tuple", "zip", "flock", "lockf", "fcntl", "ioctl", "set_inheritable", "set_blocking",
+    "get_inheritable", "recv", "send", "sendall", "format",
+];
+
+/// Whether `e` passes `name` to a call that may keep it (its result is kept
+/// by the caller).
+fn kept_by_call(e: &Expr, name: &str) -> bool {
+    struct K<'n>(&'n str, bool);
+    impl<'a> Visitor<'a> for K<'_> {
+        fn visit_expr(&mut self, expr: &'a Expr) {
+            if self.1 {
+                return;
+            }
+            if let Expr::Call(c) = expr {
+                let last = callee_last(&c.func);
+                let on_self = matches!(&*c.func, Expr::Attribute(a) if is_name(&a.value, self.0));
+                let passes = c.arguments.args.iter().any(|a| is_name(a, self.0))
+                    || c.arguments.keywords.iter().any(|k| is_name(&k.value, self.0));
+                if passes && !on_self && !NON_RETAINING.contains(&last) {
+                    self.1 = true;
+                    return;
+                }
+            }
+            if let Expr::Lambda(_) = expr {
+                return;
+            }
+            visitor::walk_expr(self, expr);
+        }
+    }
+    let mut k = K(name, false);
+    k.visit_expr(e);
+    k.1
+}
+
 /// What acquires a resource, by qualified callee.
 pub fn acquisition(q: &str) -> Option<ResourceKind> {
     use ResourceKind::*;
@@ -585,6 +625,18 @@ impl Walker<'_, '_> {
     }
 
     fn escape(&self, stmt: &Stmt, name: &str) -> Escape {
+        // Handed to a call whose result is kept: the result (a transport,
+        // a wrapper, a connection object) now owns it.
+        let kept = match stmt {
+            Stmt::Assign(a) => Some(&*a.value),
+            Stmt::AnnAssign(a) => a.value.as_deref(),
+            Stmt::AugAssign(a) => Some(&*a.value),
+            Stmt::Return(r) => r.value.as_deref(),
+            _ => None,
+        };
+        if kept.is_some_and(|v| kept_by_call(v, name)) {
+            return Escape::Yes;
+        }
         match stmt {
             Stmt::Return(r) => {
                 if r.value.as_deref().is_some_and(|v| mentions(v, name)) {
