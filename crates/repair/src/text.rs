@@ -255,6 +255,25 @@ pub fn find_all<'a>(suite: &'a [Stmt], pred: &dyn Fn(&Stmt) -> bool, out: &mut V
     }
 }
 
+/// Every statement anywhere in the module, nested functions and classes
+/// included, for which `pred` holds.
+pub fn find_all_deep<'a>(suite: &'a [Stmt], pred: &dyn Fn(&Stmt) -> bool, out: &mut Vec<&'a Stmt>) {
+    for s in suite {
+        if pred(s) {
+            out.push(s);
+        }
+        match s {
+            Stmt::FunctionDef(f) => find_all_deep(&f.body, pred, out),
+            Stmt::ClassDef(c) => find_all_deep(&c.body, pred, out),
+            _ => {
+                for child in child_suites(s) {
+                    find_all_deep(child, pred, out);
+                }
+            }
+        }
+    }
+}
+
 /// Whether `name` is mentioned (loaded or stored) in a statement.
 pub fn mentions(s: &Stmt, name: &str) -> bool {
     use ruff_python_ast::visitor::{self, Visitor};

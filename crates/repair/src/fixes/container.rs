@@ -70,7 +70,7 @@ pub fn fix(repo: &Path, _analysis: &Analysis, finding: &Finding) -> Result<Fix, 
 
 fn add_eviction(src: &Source, edits: &mut Edits, line: u32, kind: &str, constant: &str) -> Result<(), String> {
     let mut hits = Vec::new();
-    text::find_all(src.body(), &|s| src.line(s) == line && !matches!(s, Stmt::FunctionDef(_) | Stmt::ClassDef(_) | Stmt::If(_) | Stmt::For(_) | Stmt::While(_) | Stmt::With(_) | Stmt::Try(_)), &mut hits);
+    text::find_all_deep(src.body(), &|s| src.line(s) == line && !matches!(s, Stmt::FunctionDef(_) | Stmt::ClassDef(_) | Stmt::If(_) | Stmt::For(_) | Stmt::While(_) | Stmt::With(_) | Stmt::Try(_)), &mut hits);
     let stmt = hits.first().ok_or_else(|| format!("no statement at line {line}: the file changed since the analysis"))?;
     if !src.starts_line(*stmt) || !src.ends_line(*stmt) {
         return Err(format!("line {line} holds more than one statement; edit it by hand"));
