@@ -77,15 +77,30 @@ pub struct Ctx {
 pub struct Program {
     pub files: Vec<FileFacts>,
     pub modules: HashMap<String, u32>,
+    /// Method name → the project methods of that name.
+    methods: HashMap<String, Vec<FnId>>,
 }
 
 impl Program {
     pub fn new(files: Vec<FileFacts>) -> Program {
         let mut modules = HashMap::new();
+        let mut methods: HashMap<String, Vec<FnId>> = HashMap::new();
         for (i, f) in files.iter().enumerate() {
             modules.entry(f.module.clone()).or_insert(i as u32);
+            for c in &f.classes {
+                for (name, &m) in &c.methods {
+                    methods.entry(name.clone()).or_default().push(FnId {
+                        file: i as u32,
+                        func: m as u32,
+                    });
+                }
+            }
         }
-        Program { files, modules }
+        Program {
+            files,
+            modules,
+            methods,
+        }
     }
 
     pub fn function(&self, id: FnId) -> &FunctionFacts {
@@ -405,6 +420,23 @@ impl Program {
                 None => Callee::Unknown,
             },
             Ty::Ext(q) => Callee::External(q),
+            Ty::Unknown => self.unique_method(callee),
+            _ => Callee::Unknown,
+        }
+    }
+
+    /// `obj.m()` on an object of unknown type (an unannotated parameter):
+    /// the project method `m` when exactly one project class defines it.
+    fn unique_method(&self, callee: &PathRef) -> Callee {
+        let name = callee.last();
+        if callee.attrs.is_empty() || name.starts_with("__") {
+            return Callee::Unknown;
+        }
+        if !matches!(callee.root, Root::Local(_) | Root::SelfObj) {
+            return Callee::Unknown;
+        }
+        match self.methods.get(name).map(Vec::as_slice) {
+            Some([only]) => Callee::Project(*only),
             _ => Callee::Unknown,
         }
     }
