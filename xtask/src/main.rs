@@ -6,6 +6,7 @@
 //! * `bench`  — benchmarks that print ratios against a baseline measured in
 //!   the same run.
 
+mod bench;
 mod cmd;
 mod setup;
 mod test;
@@ -34,6 +35,8 @@ enum Task {
     },
     /// Set up, then run every test, including the privileged eBPF ones.
     Test(test::TestArgs),
+    /// Benchmarks against a baseline measured in the same run: `analyze`.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup().map(|_| ()),
         Task::Run { args } => run(args),
         Task::Test(args) => test::test(args),
+        Task::Bench(args) => bench::bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

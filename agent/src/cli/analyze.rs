@@ -102,6 +102,7 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<ExitCode> {
             "files": analysis.files,
             "lines": analysis.lines,
             "seconds": analysis.total_time.as_secs_f64(),
+            "parse_seconds": analysis.parse_time.as_secs_f64(),
             "findings": findings,
         }))?;
     } else {

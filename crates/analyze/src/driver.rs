@@ -13,21 +13,12 @@ use crate::symbols::Program;
 use crate::{AnalyzeError, ImportGraph, blocking, containers, imports, locks, report};
 
 /// What to run.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Options {
     /// Worker threads for parsing (0: one per CPU).
     pub threads: usize,
     /// Called with (files done, files total) as parsing progresses.
     pub progress: Option<fn(usize, usize)>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            threads: 0,
-            progress: None,
-        }
-    }
 }
 
 /// The result of analysing a tree.

@@ -253,25 +253,17 @@ pub fn consumes(body: &[Stmt], name: &str) -> bool {
                 return;
             }
             match stmt {
-                Stmt::Return(r) => {
-                    if r.value.as_deref().is_some_and(|v| mentions(v, self.name)) {
-                        self.found = true;
-                    }
+                Stmt::Return(r) if r.value.as_deref().is_some_and(|v| mentions(v, self.name)) => {
+                    self.found = true;
                 }
-                Stmt::Assign(a) => {
+                Stmt::Assign(a)
                     if mentions(&a.value, self.name)
-                        && a.targets.iter().any(|t| !matches!(t, Expr::Name(_)))
-                    {
-                        self.found = true;
-                    }
+                        && a.targets.iter().any(|t| !matches!(t, Expr::Name(_))) =>
+                {
+                    self.found = true;
                 }
-                Stmt::With(w) => {
-                    if w.items
-                        .iter()
-                        .any(|i| mentions(&i.context_expr, self.name))
-                    {
-                        self.found = true;
-                    }
+                Stmt::With(w) if w.items.iter().any(|i| mentions(&i.context_expr, self.name)) => {
+                    self.found = true;
                 }
                 _ => {}
             }
@@ -299,15 +291,11 @@ pub fn consumes(body: &[Stmt], name: &str) -> bool {
                         self.found = true;
                     }
                 }
-                Expr::Yield(y) => {
-                    if y.value.as_deref().is_some_and(|v| mentions(v, self.name)) {
-                        self.found = true;
-                    }
+                Expr::Yield(y) if y.value.as_deref().is_some_and(|v| mentions(v, self.name)) => {
+                    self.found = true;
                 }
-                Expr::Lambda(l) => {
-                    if mentions(&l.body, self.name) {
-                        self.found = true;
-                    }
+                Expr::Lambda(l) if mentions(&l.body, self.name) => {
+                    self.found = true;
                 }
                 _ => {}
             }
@@ -638,28 +626,17 @@ impl Walker<'_, '_> {
             return Escape::Yes;
         }
         match stmt {
-            Stmt::Return(r) => {
-                if r.value.as_deref().is_some_and(|v| mentions(v, name)) {
-                    return Escape::Yes;
-                }
+            Stmt::Return(r) if r.value.as_deref().is_some_and(|v| mentions(v, name)) => {
+                return Escape::Yes;
             }
-            Stmt::Assign(a) => {
-                if mentions(&a.value, name) {
-                    let direct = is_name(&a.value, name) || value_holds(&a.value, name);
-                    if direct {
-                        return Escape::Yes;
-                    }
-                }
+            Stmt::Assign(a) if is_name(&a.value, name) || value_holds(&a.value, name) => {
+                return Escape::Yes;
             }
-            Stmt::AnnAssign(a) => {
-                if a.value.as_deref().is_some_and(|v| is_name(v, name)) {
-                    return Escape::Yes;
-                }
+            Stmt::AnnAssign(a) if a.value.as_deref().is_some_and(|v| is_name(v, name)) => {
+                return Escape::Yes;
             }
-            Stmt::FunctionDef(_) | Stmt::ClassDef(_) => {
-                if stmt_mentions(stmt, name) {
-                    return Escape::Yes;
-                }
+            Stmt::FunctionDef(_) | Stmt::ClassDef(_) if stmt_mentions(stmt, name) => {
+                return Escape::Yes;
             }
             _ => {}
         }
@@ -682,11 +659,9 @@ impl Walker<'_, '_> {
                         }
                         return;
                     }
-                    Expr::Yield(y) => {
-                        if y.value.as_deref().is_some_and(|v| mentions(v, self.name)) {
-                            self.yes = true;
-                            return;
-                        }
+                    Expr::Yield(y) if y.value.as_deref().is_some_and(|v| mentions(v, self.name)) => {
+                        self.yes = true;
+                        return;
                     }
                     Expr::Call(c) => {
                         let last = callee_last(&c.func);

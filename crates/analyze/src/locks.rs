@@ -105,7 +105,7 @@ pub fn resolve_lock(
                     guessed: true,
                 });
             }
-            if !lockish || via == AcquireVia::AsyncWith && !lockish {
+            if !lockish {
                 return None;
             }
             let name = match place {

@@ -15,7 +15,7 @@ use pymedic_model::Finding;
 use ruff_python_ast::{Expr, Stmt};
 use ruff_text_size::Ranged;
 
-use super::{Removal, is_method_stmt, read_source, region_text, removals, unsupported};
+use super::{is_method_stmt, read_source, region_text, removals, unsupported};
 use crate::RepairError;
 use crate::plan::{Fix, Risk};
 use crate::text::{self, Edits, Source};
@@ -307,7 +307,6 @@ fn close_on_exits(
         notes.push("an exception before the hand-over now closes it and re-raises".into());
     }
     let _ = acq;
-    let _: &[Removal] = &[];
     Ok((
         text,
         (
@@ -331,6 +330,13 @@ fn lock(src: &Source, finding: &Finding, key: &str) -> Result<Outcome, String> {
     })
     .ok_or_else(|| format!("no acquire() of {key} at line {line}: the file changed since the analysis"))?;
     let acq = &suite[i];
+    if let Stmt::If(cond) = acq
+        && !matches!(&*cond.test, Expr::UnaryOp(u) if u.op == ruff_python_ast::UnaryOp::Not)
+    {
+        return Err(format!(
+            "{key} is held only inside the `if` at line {line}: release it in that block by hand"
+        ));
+    }
     let release_stmt = |s: &Stmt| is_method_stmt(src, s, key, &["release"]);
     let mentions_release = |s: &Stmt| {
         let mut v = Vec::new();
