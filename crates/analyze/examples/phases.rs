@@ -4,7 +4,9 @@
 use std::time::Instant;
 
 fn main() {
-    let root = std::env::args().nth(1).unwrap_or_else(|| "/usr/lib/python3.11".into());
+    let root = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "/usr/lib/python3.11".into());
     let t = Instant::now();
     let files = pymedic_analyze::source::discover(std::path::Path::new(&root)).expect("discover");
     println!("discover {:?} ({} files)", t.elapsed(), files.len());
@@ -14,7 +16,8 @@ fn main() {
         .collect();
     let t = Instant::now();
     for text in &texts {
-        let p = ruff_python_parser::parse_unchecked_source(text, ruff_python_ast::PySourceType::Python);
+        let p =
+            ruff_python_parser::parse_unchecked_source(text, ruff_python_ast::PySourceType::Python);
         std::hint::black_box(p.errors().len());
     }
     println!("parse only, 1 thread {:?}", t.elapsed());

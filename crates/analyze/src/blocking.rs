@@ -47,12 +47,27 @@ pub fn blocking_call(q: &str) -> Option<(Severity, Fix)> {
     };
     Some(match q {
         "time.sleep" => (High, Fix::AsyncSleep),
-        "urllib.request.urlopen" | "socket.create_connection" | "socket.getaddrinfo"
-        | "socket.gethostbyname" | "socket.gethostbyaddr" | "subprocess.run"
-        | "subprocess.call" | "subprocess.check_call" | "subprocess.check_output"
-        | "subprocess.getoutput" | "subprocess.getstatusoutput" | "os.system" | "os.wait"
-        | "os.waitpid" | "select.select" | "input" | "psycopg2.connect" | "pymysql.connect"
-        | "sqlite3.connect" | "smtplib.SMTP" | "ftplib.FTP" => (High, Fix::ToThread),
+        "urllib.request.urlopen"
+        | "socket.create_connection"
+        | "socket.getaddrinfo"
+        | "socket.gethostbyname"
+        | "socket.gethostbyaddr"
+        | "subprocess.run"
+        | "subprocess.call"
+        | "subprocess.check_call"
+        | "subprocess.check_output"
+        | "subprocess.getoutput"
+        | "subprocess.getstatusoutput"
+        | "os.system"
+        | "os.wait"
+        | "os.waitpid"
+        | "select.select"
+        | "input"
+        | "psycopg2.connect"
+        | "pymysql.connect"
+        | "sqlite3.connect"
+        | "smtplib.SMTP"
+        | "ftplib.FTP" => (High, Fix::ToThread),
         "open" | "io.open" | "shutil.copy" | "shutil.copy2" | "shutil.copyfile"
         | "shutil.copytree" | "shutil.rmtree" | "shutil.move" => (Medium, Fix::ToThread),
         _ => match head {
@@ -63,7 +78,13 @@ pub fn blocking_call(q: &str) -> Option<(Severity, Fix)> {
             "socket.socket"
                 if matches!(
                     method,
-                    "connect" | "recv" | "recv_into" | "recvfrom" | "send" | "sendall" | "sendto"
+                    "connect"
+                        | "recv"
+                        | "recv_into"
+                        | "recvfrom"
+                        | "send"
+                        | "sendall"
+                        | "sendto"
                         | "accept"
                 ) =>
             {
@@ -79,7 +100,9 @@ pub fn blocking_call(q: &str) -> Option<(Severity, Fix)> {
                 (High, Fix::ToThread)
             }
             "threading.Thread" if method == "join" => (High, Fix::ToThread),
-            "threading.Lock" | "threading.RLock" | "threading.Semaphore"
+            "threading.Lock"
+            | "threading.RLock"
+            | "threading.Semaphore"
             | "threading.BoundedSemaphore"
                 if method == "acquire" =>
             {
@@ -92,7 +115,10 @@ pub fn blocking_call(q: &str) -> Option<(Severity, Fix)> {
             }
             "concurrent.futures.Future" if method == "result" => (High, Fix::ToThread),
             "pathlib.Path"
-                if matches!(method, "read_text" | "read_bytes" | "write_text" | "write_bytes") =>
+                if matches!(
+                    method,
+                    "read_text" | "read_bytes" | "write_text" | "write_bytes"
+                ) =>
             {
                 (Medium, Fix::ToThread)
             }
@@ -112,31 +138,33 @@ struct Block {
 
 pub(crate) fn findings(p: &Program) -> Vec<Finding> {
     let acquires = resolved_acquires(p);
+    let callees = p.callees();
     // Direct blocking in every function.
     let mut blocks: HashMap<FnId, Block> = HashMap::new();
     let mut project_calls: HashMap<FnId, Vec<(FnId, u32)>> = HashMap::new();
-    for (id, f) in p.functions() {
-        let ctx = p.ctx(id);
+    for (i, (id, f)) in p.functions().enumerate() {
         let mut pc = Vec::new();
-        for c in &f.calls {
-            match p.callee(ctx, &c.callee) {
+        for (c, callee) in f.calls.iter().zip(&callees[i]) {
+            match callee {
                 Callee::External(q) if !c.awaited => {
-                    if let Some((severity, fix)) = blocking_call(&q)
+                    if let Some((severity, fix)) = blocking_call(q)
                         && !f.is_async
                     {
                         blocks.entry(id).or_insert(Block {
-                            what: q,
+                            what: q.clone(),
                             severity,
                             fix,
                             chain: vec![(id, c.line)],
                         });
                     }
                 }
-                Callee::Project(g) if !c.awaited && g != id => pc.push((g, c.line)),
+                Callee::Project(g) if !c.awaited && *g != id => pc.push((*g, c.line)),
                 _ => {}
             }
         }
-        project_calls.insert(id, pc);
+        if !pc.is_empty() {
+            project_calls.insert(id, pc);
+        }
     }
     // Through synchronous project callees.
     let ids: Vec<FnId> = p.functions().map(|(id, _)| id).collect();
@@ -146,15 +174,15 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
             if blocks.contains_key(id) || p.function(*id).is_async {
                 continue;
             }
-            let found = project_calls[id].iter().find_map(|(g, line)| {
+            let Some(calls) = project_calls.get(id) else {
+                continue;
+            };
+            let found = calls.iter().find_map(|(g, line)| {
                 let b = blocks.get(g)?;
                 (!p.function(*g).is_async && b.chain.len() < 8).then(|| {
                     let mut chain = vec![(*id, *line)];
                     chain.extend(b.chain.iter().copied());
-                    Block {
-                        chain,
-                        ..b.clone()
-                    }
+                    Block { chain, ..b.clone() }
                 })
             });
             if let Some(b) = found {
@@ -167,30 +195,29 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
         }
     }
     let mut out = Vec::new();
-    for (id, f) in p.functions() {
+    for (i, (id, f)) in p.functions().enumerate() {
         if !f.is_async {
             continue;
         }
-        let ctx = p.ctx(id);
-        for c in &f.calls {
+        for (c, callee) in f.calls.iter().zip(&callees[i]) {
             if c.awaited {
                 continue;
             }
-            let block = match p.callee(ctx, &c.callee) {
-                Callee::External(q) => blocking_call(&q).map(|(severity, fix)| Block {
-                    what: q,
+            let block = match callee {
+                Callee::External(q) => blocking_call(q).map(|(severity, fix)| Block {
+                    what: q.clone(),
                     severity,
                     fix,
                     chain: Vec::new(),
                 }),
-                Callee::Project(g) if !p.function(g).is_async => blocks.get(&g).cloned(),
+                Callee::Project(g) if !p.function(*g).is_async => blocks.get(g).cloned(),
                 _ => None,
             };
             if let Some(b) = block {
                 out.push(report(p, id, c.line, &c.callee.text(), c.start, c.end, b));
             }
         }
-        for (a, lock) in f.acquires.iter().zip(&acquires[&id]) {
+        for (a, lock) in f.acquires.iter().zip(&acquires[i]) {
             let Some(lock) = lock else { continue };
             if a.via == AcquireVia::AsyncWith || lock.flavor == LockFlavor::Async || lock.guessed {
                 continue;
@@ -253,7 +280,10 @@ fn report(
         title,
         p.location(coroutine, line),
         &format!("{callee_text}@{line}"),
-        format!("blocked_event_loop|{file}|{}|{callee_text}|{}", f.qualname, b.what),
+        format!(
+            "blocked_event_loop|{file}|{}|{callee_text}|{}",
+            f.qualname, b.what
+        ),
         json!({
             "coroutine": f.qualname,
             "call": callee_text,

@@ -36,7 +36,9 @@ fn container_kind(p: &Program, ctx: Ctx, v: &Value) -> Option<String> {
                     "dict" => Some(ContainerKind::Dict.as_str().to_owned()),
                     "list" => Some(ContainerKind::List.as_str().to_owned()),
                     "set" => Some(ContainerKind::Set.as_str().to_owned()),
-                    "collections.defaultdict" | "collections.OrderedDict" | "collections.deque"
+                    "collections.defaultdict"
+                    | "collections.OrderedDict"
+                    | "collections.deque"
                     | "collections.Counter" => Some(q.rsplit('.').next().unwrap_or(&q).to_owned()),
                     _ => None,
                 },
@@ -234,7 +236,11 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
         let mut fd = finding(
             Layer::Structural,
             Kind::MEMORY_LEAK,
-            if method { Severity::Medium } else { Severity::Low },
+            if method {
+                Severity::Medium
+            } else {
+                Severity::Low
+            },
             if method { 0.6 } else { 0.4 },
             format!(
                 "{} is cached without a size bound: every distinct argument{} stays in memory",

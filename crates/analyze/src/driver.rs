@@ -65,13 +65,24 @@ pub fn analyze_files(
     let lines = facts.iter().map(|f| u64::from(f.lines)).sum();
     let program = Program::new(facts);
     let graph = imports::graph(&program);
-    let mut findings = Vec::new();
-    findings.extend(report::syntax_errors(&program));
-    findings.extend(imports::cycle_findings(&program, &graph));
-    findings.extend(locks::findings(&program));
-    findings.extend(report::leak_findings(&program));
-    findings.extend(blocking::findings(&program));
-    findings.extend(containers::findings(&program));
+    // Resolve every call once (two threads), then the passes side by side.
+    program.callees();
+    let p = &program;
+    let mut findings = std::thread::scope(|s| {
+        let locks = s.spawn(|| locks::findings(p));
+        let blocking = s.spawn(|| blocking::findings(p));
+        let mut out = report::syntax_errors(p);
+        out.extend(imports::cycle_findings(p, &graph));
+        out.extend(report::leak_findings(p));
+        out.extend(containers::findings(p));
+        for h in [locks, blocking] {
+            match h.join() {
+                Ok(f) => out.extend(f),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        out
+    });
     findings.sort_by(|a, b| {
         b.severity
             .cmp(&a.severity)
@@ -94,10 +105,7 @@ pub fn analyze_files(
 
 /// Parses and extracts every file on `opts.threads` workers. Workers get a
 /// large stack: deeply nested expressions recurse.
-fn parse_all(
-    files: &[SourceFile],
-    opts: &Options,
-) -> Result<(Vec<FileFacts>, u64), AnalyzeError> {
+fn parse_all(files: &[SourceFile], opts: &Options) -> Result<(Vec<FileFacts>, u64), AnalyzeError> {
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {

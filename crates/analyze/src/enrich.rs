@@ -169,7 +169,8 @@ impl Enricher {
 /// How well a static finding matches the runtime sites (None: not at all).
 fn score(f: &Finding, runtime: &[(String, String, u32)]) -> Option<u32> {
     let mut best = None;
-    let statics = std::iter::once(f.location.clone()).chain(f.related.iter().map(Related::location));
+    let statics =
+        std::iter::once(f.location.clone()).chain(f.related.iter().map(Related::location));
     for s in statics {
         for (file, function, line) in runtime {
             if s.file != *file {

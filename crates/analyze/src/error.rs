@@ -15,7 +15,9 @@ pub enum AnalyzeError {
     NotPython { path: PathBuf },
     #[error("no Python files under {path}: pass the directory that holds the project's .py files")]
     NoFiles { path: PathBuf },
-    #[error("no module or file {what:?} in the analysed tree: pass a dotted module name (pkg.mod) or a path to a .py file under the tree")]
+    #[error(
+        "no module or file {what:?} in the analysed tree: pass a dotted module name (pkg.mod) or a path to a .py file under the tree"
+    )]
     UnknownModule { what: String },
     #[error("start an analysis worker thread: {0}")]
     Thread(#[source] std::io::Error),

@@ -317,7 +317,10 @@ impl ResourceKind {
     pub fn is_fd(self) -> bool {
         matches!(
             self,
-            ResourceKind::File | ResourceKind::Socket | ResourceKind::RawFd | ResourceKind::Connection
+            ResourceKind::File
+                | ResourceKind::Socket
+                | ResourceKind::RawFd
+                | ResourceKind::Connection
         )
     }
 }

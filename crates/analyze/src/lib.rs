@@ -17,6 +17,7 @@
 pub mod blocking;
 pub mod containers;
 mod driver;
+pub mod enrich;
 mod error;
 mod extract;
 pub mod facts;
@@ -26,7 +27,6 @@ pub mod locks;
 mod report;
 pub mod source;
 pub mod symbols;
-pub mod enrich;
 
 pub use driver::{Analysis, Options, analyze, analyze_files};
 pub use enrich::{Enricher, enrich};

@@ -84,7 +84,10 @@ pub fn resolve_lock(
             guessed: false,
         }),
         (Some(fl), None) => Some(Lock {
-            name: format!("{}:{}:{text}", p.files[id.file as usize].module, func.qualname),
+            name: format!(
+                "{}:{}:{text}",
+                p.files[id.file as usize].module, func.qualname
+            ),
             flavor: fl,
             guessed: false,
         }),
@@ -110,7 +113,10 @@ pub fn resolve_lock(
             }
             let name = match place {
                 Some(pl) => p.place_name(&pl),
-                None => format!("{}:{}:{text}", p.files[id.file as usize].module, func.qualname),
+                None => format!(
+                    "{}:{}:{text}",
+                    p.files[id.file as usize].module, func.qualname
+                ),
             };
             Some(Lock {
                 name,
@@ -161,19 +167,20 @@ fn lock_attrs(p: &Program) -> HashMap<String, Vec<(Place, LockFlavor)>> {
     out
 }
 
-/// Per function, its acquisitions resolved to locks (None: not a lock).
-pub fn resolved_acquires(p: &Program) -> HashMap<FnId, Vec<Option<Lock>>> {
-    let attrs = lock_attrs(p);
-    p.functions()
-        .map(|(id, f)| {
-            let locks = f
-                .acquires
-                .iter()
-                .map(|a| resolve_lock(p, id, &a.lock, a.via, &attrs))
-                .collect();
-            (id, locks)
-        })
-        .collect()
+/// Per function (dense index), its acquisitions resolved to locks (None:
+/// not a lock). Computed once per program.
+pub fn resolved_acquires(p: &Program) -> &Vec<Vec<Option<Lock>>> {
+    p.acquires.get_or_init(|| {
+        let attrs = lock_attrs(p);
+        p.functions()
+            .map(|(id, f)| {
+                f.acquires
+                    .iter()
+                    .map(|a| resolve_lock(p, id, &a.lock, a.via, &attrs))
+                    .collect()
+            })
+            .collect()
+    })
 }
 
 #[derive(Clone)]
@@ -185,29 +192,38 @@ struct Trace {
 /// Builds the lock-order graph.
 pub fn graph(p: &Program) -> LockGraph {
     let acquires = resolved_acquires(p);
+    let callees = p.callees();
+    let n = p.fn_count();
+    let ids: Vec<FnId> = p.functions().map(|(id, _)| id).collect();
     let mut g = LockGraph::default();
-    // Calls to project functions, per function.
-    let mut calls: HashMap<FnId, Vec<(FnId, u32, Vec<u32>)>> = HashMap::new();
-    for (id, f) in p.functions() {
-        let ctx = p.ctx(id);
-        let list = f
-            .calls
-            .iter()
-            .filter_map(|c| match p.callee(ctx, &c.callee) {
-                Callee::Project(t) if t != id => Some((t, c.line, c.held.clone())),
-                _ => None,
-            })
-            .collect();
-        calls.insert(id, list);
-    }
+    // Calls to project functions, per function: (callee dense, line, held).
+    let calls: Vec<Vec<(usize, u32, &[u32])>> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            p.function(id)
+                .calls
+                .iter()
+                .zip(&callees[i])
+                .filter_map(|(c, callee)| match callee {
+                    Callee::Project(t) if *t != id => {
+                        Some((p.dense(*t), c.line, c.held.as_slice()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect();
     // What each function takes, itself or through its callees.
-    let mut takes: HashMap<FnId, BTreeMap<String, Trace>> = HashMap::new();
-    for (id, f) in p.functions() {
-        let mut m = BTreeMap::new();
-        for (a, lock) in f.acquires.iter().zip(&acquires[&id]) {
+    let mut takes: Vec<BTreeMap<String, Trace>> = vec![BTreeMap::new(); n];
+    for (i, &id) in ids.iter().enumerate() {
+        let f = p.function(id);
+        for (a, lock) in f.acquires.iter().zip(&acquires[i]) {
             if let Some(lock) = lock {
-                g.locks.entry(lock.name.clone()).or_insert_with(|| lock.clone());
-                m.entry(lock.name.clone()).or_insert(Trace {
+                g.locks
+                    .entry(lock.name.clone())
+                    .or_insert_with(|| lock.clone());
+                takes[i].entry(lock.name.clone()).or_insert(Trace {
                     site: Site {
                         func: id,
                         line: a.line,
@@ -216,34 +232,29 @@ pub fn graph(p: &Program) -> LockGraph {
                 });
             }
         }
-        takes.insert(id, m);
     }
-    let ids: Vec<FnId> = p.functions().map(|(id, _)| id).collect();
+    // Only functions that can reach a lock matter for propagation.
     for _round in 0..32 {
         let mut changed = false;
-        for id in &ids {
-            for (callee, line, _) in &calls[id] {
-                if takes[callee].is_empty() {
+        for i in 0..n {
+            for &(callee, line, _) in &calls[i] {
+                if takes[callee].is_empty() || callee == i {
                     continue;
                 }
                 let add: Vec<(String, Trace)> = takes[callee]
                     .iter()
-                    .filter(|(k, t)| !takes[id].contains_key(*k) && t.via.len() < MAX_VIA)
+                    .filter(|(k, t)| !takes[i].contains_key(*k) && t.via.len() < MAX_VIA)
                     .map(|(k, t)| {
-                        let mut via = vec![Site {
-                            func: *id,
-                            line: *line,
-                        }];
+                        let mut via = vec![Site { func: ids[i], line }];
                         via.extend(t.via.iter().copied());
                         (k.clone(), Trace { site: t.site, via })
                     })
                     .collect();
-                let mine = takes.get_mut(id).expect("every function has an entry");
                 for (k, t) in add {
-                    if mine.len() >= MAX_LOCKS_PER_FN {
+                    if takes[i].len() >= MAX_LOCKS_PER_FN {
                         break;
                     }
-                    mine.insert(k, t);
+                    takes[i].insert(k, t);
                     changed = true;
                 }
             }
@@ -253,10 +264,11 @@ pub fn graph(p: &Program) -> LockGraph {
         }
     }
     // Edges.
-    for (id, f) in p.functions() {
-        let locks = &acquires[&id];
-        for (i, a) in f.acquires.iter().enumerate() {
-            let Some(inner) = &locks[i] else { continue };
+    for (i, &id) in ids.iter().enumerate() {
+        let f = p.function(id);
+        let locks = &acquires[i];
+        for (j, a) in f.acquires.iter().enumerate() {
+            let Some(inner) = &locks[j] else { continue };
             for &h in &a.held {
                 let Some(outer) = &locks[h as usize] else {
                     continue;
@@ -286,7 +298,7 @@ pub fn graph(p: &Program) -> LockGraph {
                 );
             }
         }
-        for (callee, line, held) in &calls[&id] {
+        for &(callee, line, held) in &calls[i] {
             for &h in held {
                 let Some(outer) = &locks[h as usize] else {
                     continue;
@@ -295,7 +307,7 @@ pub fn graph(p: &Program) -> LockGraph {
                     if *inner == outer.name {
                         continue;
                     }
-                    let mut via = vec![Site { func: id, line: *line }];
+                    let mut via = vec![Site { func: id, line }];
                     via.extend(t.via.iter().copied());
                     add_edge(
                         &mut g,
@@ -426,7 +438,11 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
                     " via {}",
                     s.via
                         .iter()
-                        .map(|v| format!("call at line {} in {}", v.line, p.function(v.func).qualname))
+                        .map(|v| format!(
+                            "call at line {} in {}",
+                            v.line,
+                            p.function(v.func).qualname
+                        ))
                         .collect::<Vec<_>>()
                         .join(", ")
                 )
@@ -448,7 +464,9 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
                 direct: s.direct,
             });
         }
-        let Some((_, primary)) = minority else { continue };
+        let Some((_, primary)) = minority else {
+            continue;
+        };
         let mut sorted = cycle.clone();
         sorted.sort();
         let order = edges

@@ -5,6 +5,7 @@
 //! class, or something external such as `threading.Lock` or `requests.get`).
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
 use pymedic_model::Location;
 
@@ -79,13 +80,23 @@ pub struct Program {
     pub modules: HashMap<String, u32>,
     /// Method name → the project methods of that name.
     methods: HashMap<String, Vec<FnId>>,
+    /// Dense function numbering: file i's functions start at `fn_base[i]`.
+    fn_base: Vec<u32>,
+    /// Per dense function, per call site: what it calls (computed once).
+    callees: OnceLock<Vec<Vec<Callee>>>,
+    /// Per dense function, per acquisition: the lock, if it is one.
+    pub(crate) acquires: OnceLock<Vec<Vec<Option<crate::locks::Lock>>>>,
 }
 
 impl Program {
     pub fn new(files: Vec<FileFacts>) -> Program {
         let mut modules = HashMap::new();
         let mut methods: HashMap<String, Vec<FnId>> = HashMap::new();
+        let mut fn_base = Vec::with_capacity(files.len());
+        let mut n = 0u32;
         for (i, f) in files.iter().enumerate() {
+            fn_base.push(n);
+            n += f.functions.len() as u32;
             modules.entry(f.module.clone()).or_insert(i as u32);
             for c in &f.classes {
                 for (name, &m) in &c.methods {
@@ -100,7 +111,67 @@ impl Program {
             files,
             modules,
             methods,
+            fn_base,
+            callees: OnceLock::new(),
+            acquires: OnceLock::new(),
         }
+    }
+
+    /// Number of functions in the program.
+    pub fn fn_count(&self) -> usize {
+        self.fn_base.last().map_or(0, |&b| b as usize)
+            + self.files.last().map_or(0, |f| f.functions.len())
+    }
+
+    /// Dense index of a function (0..fn_count).
+    pub fn dense(&self, id: FnId) -> usize {
+        (self.fn_base[id.file as usize] + id.func) as usize
+    }
+
+    /// The function with dense index `i`.
+    pub fn fn_id(&self, i: usize) -> FnId {
+        let i = i as u32;
+        let file = self.fn_base.partition_point(|&b| b <= i) - 1;
+        // Skip files without functions that share the same base.
+        let file = (0..=file)
+            .rev()
+            .find(|&f| i - self.fn_base[f] < self.files[f].functions.len() as u32)
+            .unwrap_or(file);
+        FnId {
+            file: file as u32,
+            func: i - self.fn_base[file],
+        }
+    }
+
+    /// What every call site calls, resolved once (on two threads).
+    pub fn callees(&self) -> &Vec<Vec<Callee>> {
+        self.callees.get_or_init(|| {
+            let ids: Vec<FnId> = self.functions().map(|(id, _)| id).collect();
+            let resolve = |chunk: &[FnId]| -> Vec<Vec<Callee>> {
+                chunk
+                    .iter()
+                    .map(|&id| {
+                        let ctx = self.ctx(id);
+                        self.function(id)
+                            .calls
+                            .iter()
+                            .map(|c| self.callee(ctx, &c.callee))
+                            .collect()
+                    })
+                    .collect()
+            };
+            let mid = ids.len() / 2;
+            let (a, b) = ids.split_at(mid);
+            std::thread::scope(|s| {
+                let h = s.spawn(|| resolve(b));
+                let mut out = resolve(a);
+                match h.join() {
+                    Ok(rest) => out.extend(rest),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+                out
+            })
+        })
     }
 
     pub fn function(&self, id: FnId) -> &FunctionFacts {
@@ -261,9 +332,7 @@ impl Program {
                     return Resolved::ty(Ty::Module(i));
                 }
                 match self.modules.get(module) {
-                    Some(&m) => self
-                        .lookup(m, name, depth + 1)
-                        .unwrap_or(Resolved::UNKNOWN),
+                    Some(&m) => self.lookup(m, name, depth + 1).unwrap_or(Resolved::UNKNOWN),
                     None => Resolved::ty(Ty::Ext(full)),
                 }
             }
@@ -370,17 +439,32 @@ impl Program {
 
     /// Method `a` of class `c` or its project bases.
     pub fn method(&self, c: ClassId, a: &str, depth: u32) -> Option<FnId> {
-        self.mro(c, depth)
-            .into_iter()
-            .find_map(|k| {
-                self.class(k).methods.get(a).map(|&f| FnId {
-                    file: k.file,
-                    func: f as u32,
-                })
+        let class = self.class(c);
+        if let Some(&f) = class.methods.get(a) {
+            return Some(FnId {
+                file: c.file,
+                func: f as u32,
+            });
+        }
+        if class.bases.is_empty() {
+            return None;
+        }
+        self.mro(c, depth).into_iter().find_map(|k| {
+            self.class(k).methods.get(a).map(|&f| FnId {
+                file: k.file,
+                func: f as u32,
             })
+        })
     }
 
     fn attr(&self, c: ClassId, a: &str, depth: u32) -> Option<(ClassId, &Attr)> {
+        let class = self.class(c);
+        if let Some(x) = class.attrs.get(a) {
+            return Some((c, x));
+        }
+        if class.bases.is_empty() {
+            return None;
+        }
         self.mro(c, depth)
             .into_iter()
             .find_map(|k| self.class(k).attrs.get(a).map(|x| (k, x)))
@@ -470,18 +554,25 @@ pub enum LockFlavor {
 /// Lock types by qualified name.
 pub fn lock_flavor(q: &str) -> Option<LockFlavor> {
     Some(match q {
-        "threading.Lock" | "threading.Semaphore" | "threading.BoundedSemaphore"
-        | "_thread.allocate_lock" | "_thread.LockType" | "thread.allocate_lock"
-        | "multiprocessing.Lock" | "multiprocessing.Semaphore"
-        | "multiprocessing.BoundedSemaphore" | "multiprocessing.synchronize.Lock" => {
-            LockFlavor::Plain
+        "threading.Lock"
+        | "threading.Semaphore"
+        | "threading.BoundedSemaphore"
+        | "_thread.allocate_lock"
+        | "_thread.LockType"
+        | "thread.allocate_lock"
+        | "multiprocessing.Lock"
+        | "multiprocessing.Semaphore"
+        | "multiprocessing.BoundedSemaphore"
+        | "multiprocessing.synchronize.Lock" => LockFlavor::Plain,
+        "threading.RLock"
+        | "threading.Condition"
+        | "_thread.RLock"
+        | "multiprocessing.RLock"
+        | "multiprocessing.Condition"
+        | "multiprocessing.synchronize.RLock" => LockFlavor::Reentrant,
+        "asyncio.Lock" | "asyncio.Semaphore" | "asyncio.BoundedSemaphore" | "asyncio.Condition" => {
+            LockFlavor::Async
         }
-        "threading.RLock" | "threading.Condition" | "_thread.RLock" | "multiprocessing.RLock"
-        | "multiprocessing.Condition" | "multiprocessing.synchronize.RLock" => {
-            LockFlavor::Reentrant
-        }
-        "asyncio.Lock" | "asyncio.Semaphore" | "asyncio.BoundedSemaphore"
-        | "asyncio.Condition" => LockFlavor::Async,
         _ => return None,
     })
 }

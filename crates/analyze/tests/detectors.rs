@@ -46,14 +46,23 @@ fn unindent(s: &str) -> String {
         .min()
         .unwrap_or(0);
     s.lines()
-        .map(|l| if l.len() >= n { &l[n..] } else { l.trim_start() })
+        .map(|l| {
+            if l.len() >= n {
+                &l[n..]
+            } else {
+                l.trim_start()
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n")
         + "\n"
 }
 
 fn of_kind<'a>(a: &'a Analysis, kind: &str) -> Vec<&'a Finding> {
-    a.findings.iter().filter(|f| f.kind.as_str() == kind).collect()
+    a.findings
+        .iter()
+        .filter(|f| f.kind.as_str() == kind)
+        .collect()
 }
 
 fn related_lines(f: &Finding) -> Vec<u32> {
@@ -156,7 +165,10 @@ fn lock_order_inversion_through_calls_and_self_attributes() {
         f.title
     );
     let roles: Vec<&str> = f.related.iter().map(|r| r.role.as_str()).collect();
-    assert!(roles.iter().any(|r| r.contains("via call at line")), "{roles:?}");
+    assert!(
+        roles.iter().any(|r| r.contains("via call at line")),
+        "{roles:?}"
+    );
     // Inner site of Cache._mutex → Store._lock is in Store.put (store.py:9).
     assert!(
         f.related
@@ -222,7 +234,11 @@ fn consistent_lock_order_across_many_functions_is_not_flagged() {
         "#,
     )]);
     let a = t.analyze();
-    assert!(of_kind(&a, "lock_order_inversion").is_empty(), "{:#?}", a.findings);
+    assert!(
+        of_kind(&a, "lock_order_inversion").is_empty(),
+        "{:#?}",
+        a.findings
+    );
 }
 
 // ------------------------------------------------------------ resource leaks
@@ -248,9 +264,14 @@ fn file_not_closed_on_early_return() {
     let f = leaks[0];
     assert_eq!(f.location.line, 2, "acquisition line");
     assert_eq!(f.location.function, "read_config");
-    let exit = f.related.iter().find(|r| r.line == 5).expect("the early return");
+    let exit = f
+        .related
+        .iter()
+        .find(|r| r.line == 5)
+        .expect("the early return");
     assert!(
-        exit.role.contains("exit path at line 5 (return) skips f.close()"),
+        exit.role
+            .contains("exit path at line 5 (return) skips f.close()"),
         "{}",
         exit.role
     );
@@ -288,16 +309,41 @@ fn raw_fd_lock_and_socket_leaks() {
     )]);
     let a = t.analyze();
     let fd = of_kind(&a, "fd_leak");
-    let raw = fd.iter().find(|f| f.location.function == "write_pid").expect("raw fd leak");
+    let raw = fd
+        .iter()
+        .find(|f| f.location.function == "write_pid")
+        .expect("raw fd leak");
     assert_eq!(raw.location.line, 5);
-    assert!(raw.related.iter().any(|r| r.line == 7 && r.role.contains("raise")), "{:#?}", raw.related);
+    assert!(
+        raw.related
+            .iter()
+            .any(|r| r.line == 7 && r.role.contains("raise")),
+        "{:#?}",
+        raw.related
+    );
     let lock = of_kind(&a, "resource_leak");
-    let lock = lock.iter().find(|f| f.location.function == "critical").expect("lock leak");
+    let lock = lock
+        .iter()
+        .find(|f| f.location.function == "critical")
+        .expect("lock leak");
     assert_eq!(lock.location.line, 12);
-    assert!(lock.related.iter().any(|r| r.line == 14 && r.role.contains("lock.release()")));
-    let sock = fd.iter().find(|f| f.location.function == "ping").expect("socket leak on break");
+    assert!(
+        lock.related
+            .iter()
+            .any(|r| r.line == 14 && r.role.contains("lock.release()"))
+    );
+    let sock = fd
+        .iter()
+        .find(|f| f.location.function == "ping")
+        .expect("socket leak on break");
     assert_eq!(sock.location.line, 19);
-    assert!(sock.related.iter().any(|r| r.role.contains("after the break at line 21")), "{:#?}", sock.related);
+    assert!(
+        sock.related
+            .iter()
+            .any(|r| r.role.contains("after the break at line 21")),
+        "{:#?}",
+        sock.related
+    );
 }
 
 #[test]
@@ -392,7 +438,10 @@ fn released_resources_are_not_flagged() {
     let bad: Vec<_> = a
         .findings
         .iter()
-        .filter(|f| matches!(f.kind.as_str(), "fd_leak" | "resource_leak") && f.severity >= pymedic_model::Severity::Medium)
+        .filter(|f| {
+            matches!(f.kind.as_str(), "fd_leak" | "resource_leak")
+                && f.severity >= pymedic_model::Severity::Medium
+        })
         .collect();
     assert!(bad.is_empty(), "{bad:#?}");
 }
@@ -444,12 +493,17 @@ fn blocking_calls_in_coroutines() {
         lines,
         [13, 14, 15, 16, 17, 19].into_iter().collect(),
         "{:#?}",
-        b.iter().map(|f| (&f.location, &f.title)).collect::<Vec<_>>()
+        b.iter()
+            .map(|f| (&f.location, &f.title))
+            .collect::<Vec<_>>()
     );
     assert!(b.iter().all(|f| f.location.function == "handler"));
     let transitive = b.iter().find(|f| f.location.line == 17).unwrap();
     assert!(
-        transitive.related.iter().any(|r| r.line == 7 && r.role.contains("time.sleep")),
+        transitive
+            .related
+            .iter()
+            .any(|r| r.line == 7 && r.role.contains("time.sleep")),
         "{:#?}",
         transitive.related
     );
@@ -576,7 +630,12 @@ fn containers_that_only_grow() {
         .find(|f| f.evidence["container"] == "cache._results")
         .unwrap();
     assert_eq!(results.location.line, 20);
-    assert!(results.related.iter().any(|r| r.line == 2 && r.role.contains("defined here")));
+    assert!(
+        results
+            .related
+            .iter()
+            .any(|r| r.line == 2 && r.role.contains("defined here"))
+    );
 }
 
 // ------------------------------------------------------ imports and syntax
@@ -586,19 +645,29 @@ fn import_graph_cycles_and_impact() {
     let t = Tree::new(&[
         ("app/__init__.py", "from . import config\n"),
         ("app/config.py", "import os\nSETTINGS = {}\n"),
-        ("app/models.py", "from .db import connect\nfrom app import config\n"),
+        (
+            "app/models.py",
+            "from .db import connect\nfrom app import config\n",
+        ),
         (
             "app/db.py",
             "from . import models\nimport app.config as cfg\n\ndef connect():\n    from .views import render\n",
         ),
-        ("app/views.py", "from .models import connect\nfrom ..app import nothing\n"),
+        (
+            "app/views.py",
+            "from .models import connect\nfrom ..app import nothing\n",
+        ),
         ("main.py", "import app.views\nimport requests\n"),
     ]);
     let a = t.analyze();
     let cycles = of_kind(&a, "import_cycle");
     assert_eq!(cycles.len(), 1, "{cycles:#?}");
     let c = cycles[0];
-    assert!(c.title.contains("app.db") && c.title.contains("app.models"), "{}", c.title);
+    assert!(
+        c.title.contains("app.db") && c.title.contains("app.models"),
+        "{}",
+        c.title
+    );
     // The deferred import in connect() does not make views part of the cycle.
     assert!(!c.evidence["component"].to_string().contains("app.views"));
     let p = &a.program;
@@ -613,7 +682,11 @@ fn import_graph_cycles_and_impact() {
     assert_eq!(by_path, config);
     let json = a.graph.to_json(p);
     assert_eq!(json["external"]["requests"][0], "main");
-    assert!(a.graph.to_dot(p).contains("\"app.db\" -> \"app.views\" [style=dashed]"));
+    assert!(
+        a.graph
+            .to_dot(p)
+            .contains("\"app.db\" -> \"app.views\" [style=dashed]")
+    );
 }
 
 #[test]

@@ -117,13 +117,23 @@ pub fn recover(store: &Store) -> Result<Option<Recovery>, RepairError> {
             }
         }
         if git::is_repo(&store.repo) {
-            git::unstage(&store.repo, &j.files.iter().map(|f| f.path.clone()).collect::<Vec<_>>());
+            git::unstage(
+                &store.repo,
+                &j.files.iter().map(|f| f.path.clone()).collect::<Vec<_>>(),
+            );
         }
     }
     let (event, why) = if committed {
         (
-            if j.op == "apply" { "applied" } else { "rolled_back" },
-            format!("{} of plan {} was interrupted after its commit; completed", j.op, j.plan),
+            if j.op == "apply" {
+                "applied"
+            } else {
+                "rolled_back"
+            },
+            format!(
+                "{} of plan {} was interrupted after its commit; completed",
+                j.op, j.plan
+            ),
         )
     } else {
         (
@@ -228,7 +238,10 @@ fn undo(store: &Store, j: &Journal) -> Result<(), RepairError> {
         store::atomic_write(&store.file(&f.path), &bytes, Some(f.mode))?;
     }
     if git::is_repo(&store.repo) {
-        git::unstage(&store.repo, &j.files.iter().map(|f| f.path.clone()).collect::<Vec<_>>());
+        git::unstage(
+            &store.repo,
+            &j.files.iter().map(|f| f.path.clone()).collect::<Vec<_>>(),
+        );
     }
     finish(store)
 }
@@ -354,7 +367,13 @@ pub fn apply(repo: &Path, plan_id: &str, opts: &ApplyOptions) -> Result<Done, Re
     } else {
         None
     };
-    let mut ev = Event::new("applied", &plan.id, &plan.finding.id.0, plan.finding.kind.as_str(), why);
+    let mut ev = Event::new(
+        "applied",
+        &plan.id,
+        &plan.finding.id.0,
+        plan.finding.kind.as_str(),
+        why,
+    );
     ev.commit = commit.clone();
     ev.files = paths.clone();
     store.record(&ev)?;
@@ -371,7 +390,8 @@ pub fn apply(repo: &Path, plan_id: &str, opts: &ApplyOptions) -> Result<Done, Re
 fn verify(store: &Store, plan: &Plan, opts: &ApplyOptions) -> Result<Vec<String>, String> {
     let mut checks = Vec::new();
     for f in &plan.files {
-        let text = std::fs::read_to_string(store.file(&f.path)).map_err(|e| format!("re-read {}: {e}", f.path))?;
+        let text = std::fs::read_to_string(store.file(&f.path))
+            .map_err(|e| format!("re-read {}: {e}", f.path))?;
         if let Some(e) = text::parse_error(&text) {
             return Err(format!("{} does not parse after the edit: {e}", f.path));
         }
@@ -390,7 +410,10 @@ fn verify(store: &Store, plan: &Plan, opts: &ApplyOptions) -> Result<Vec<String>
             "the analysis still reports the finding ({now} finding(s) with fingerprint `{fp}`)"
         ));
     }
-    checks.push(format!("the analysis no longer reports `{fp}` ({} → {now})", plan.fingerprint_count));
+    checks.push(format!(
+        "the analysis no longer reports `{fp}` ({} → {now})",
+        plan.fingerprint_count
+    ));
     if let Some(cmd) = &opts.verify {
         let out = run_with_timeout(&store.repo, cmd, opts.verify_timeout)?;
         checks.push(format!("`{cmd}` passed{out}"));
@@ -432,7 +455,10 @@ fn run_with_timeout(repo: &Path, cmd: &str, timeout: Duration) -> Result<String,
             Ok(None) if started.elapsed() > timeout => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("`{cmd}` did not finish within {}s", timeout.as_secs()));
+                return Err(format!(
+                    "`{cmd}` did not finish within {}s",
+                    timeout.as_secs()
+                ));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(50)),
             Err(e) => return Err(format!("wait for `{cmd}`: {e}")),
@@ -457,7 +483,12 @@ fn run_with_timeout(repo: &Path, cmd: &str, timeout: Duration) -> Result<String,
 }
 
 /// Restores the files a plan changed, byte for byte, and commits that.
-pub fn rollback(repo: &Path, plan_id: &str, reason: Option<String>, force: bool) -> Result<Done, RepairError> {
+pub fn rollback(
+    repo: &Path,
+    plan_id: &str,
+    reason: Option<String>,
+    force: bool,
+) -> Result<Done, RepairError> {
     let store = Store::open(repo)?;
     recover(&store)?;
     let plan = plan::load(&store, plan_id)?;
@@ -526,7 +557,13 @@ pub fn rollback(repo: &Path, plan_id: &str, reason: Option<String>, force: bool)
     } else {
         None
     };
-    let mut ev = Event::new("rolled_back", &plan.id, &plan.finding.id.0, plan.finding.kind.as_str(), why);
+    let mut ev = Event::new(
+        "rolled_back",
+        &plan.id,
+        &plan.finding.id.0,
+        plan.finding.kind.as_str(),
+        why,
+    );
     ev.commit = commit.clone();
     ev.files = paths.clone();
     store.record(&ev)?;

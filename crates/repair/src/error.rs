@@ -59,7 +59,10 @@ pub enum RepairError {
 }
 
 impl RepairError {
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> RepairError {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> RepairError {
         let path = path.into();
         move |source| RepairError::Io { op, path, source }
     }

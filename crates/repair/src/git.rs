@@ -85,7 +85,14 @@ pub fn commit(repo: &Path, paths: &[String], message: &str) -> Result<String, Re
             format!("user.email=pymedic@{}", who.host),
         ]);
     }
-    args.extend(["commit".into(), "--only".into(), "-q".into(), "-m".into(), message.into(), "--".into()]);
+    args.extend([
+        "commit".into(),
+        "--only".into(),
+        "-q".into(),
+        "-m".into(),
+        message.into(),
+        "--".into(),
+    ]);
     args.extend(paths.iter().cloned());
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     ok(repo, &refs)?;

@@ -135,7 +135,9 @@ fn build(repo: &Path, analysis: &Analysis, finding: Finding) -> Result<Plan, Rep
             after: after.clone(),
         });
     }
-    let fingerprint = pymedic_analyze::fingerprint(&finding).unwrap_or_default().to_owned();
+    let fingerprint = pymedic_analyze::fingerprint(&finding)
+        .unwrap_or_default()
+        .to_owned();
     let fingerprint_count = analysis
         .findings
         .iter()

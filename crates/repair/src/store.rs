@@ -32,8 +32,11 @@ impl Store {
         }
         let ignore = dir.join(".gitignore");
         if !ignore.exists() {
-            std::fs::write(&ignore, "# pymedic's plans, backups and journal stay out of git\n*\n")
-                .map_err(RepairError::io("write", &ignore))?;
+            std::fs::write(
+                &ignore,
+                "# pymedic's plans, backups and journal stay out of git\n*\n",
+            )
+            .map_err(RepairError::io("write", &ignore))?;
         }
         Ok(Store {
             repo: repo.to_path_buf(),
@@ -147,7 +150,13 @@ pub struct Event {
 }
 
 impl Event {
-    pub fn new(event: &str, plan: &str, finding: &str, kind: &str, why: impl Into<String>) -> Event {
+    pub fn new(
+        event: &str,
+        plan: &str,
+        finding: &str,
+        kind: &str,
+        why: impl Into<String>,
+    ) -> Event {
         Event {
             time: pymedic_model::now(),
             event: event.into(),
@@ -185,11 +194,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<(), 
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.pymedic-tmp"));
-    let mode = mode.or_else(|| {
-        std::fs::metadata(path)
-            .ok()
-            .map(|m| m.permissions().mode())
-    });
+    let mode = mode.or_else(|| std::fs::metadata(path).ok().map(|m| m.permissions().mode()));
     {
         let mut f = File::create(&tmp).map_err(RepairError::io("create", &tmp))?;
         f.write_all(bytes)

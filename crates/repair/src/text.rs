@@ -322,7 +322,11 @@ pub fn ensure_import(src: &Source, edits: &mut Edits, import_line: &str, already
         Some(end) => {
             let line = src.lines.line(end.to_u32().saturating_sub(1));
             let (_, at) = src.lines_range(line, line);
-            let nl = if src.text[..at].ends_with('\n') { "" } else { "\n" };
+            let nl = if src.text[..at].ends_with('\n') {
+                ""
+            } else {
+                "\n"
+            };
             edits.insert(at, format!("{nl}{import_line}\n"));
         }
         None => edits.insert(0, format!("{import_line}\n")),

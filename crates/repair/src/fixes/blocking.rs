@@ -18,7 +18,10 @@ use crate::text::{self, Edits};
 pub fn fix(repo: &Path, finding: &Finding) -> Result<Fix, RepairError> {
     let ev = &finding.evidence;
     let how = ev.get("fix").and_then(|v| v.as_str()).unwrap_or("review");
-    let blocking = ev.get("blocking").and_then(|v| v.as_str()).unwrap_or("the call");
+    let blocking = ev
+        .get("blocking")
+        .and_then(|v| v.as_str())
+        .unwrap_or("the call");
     let coroutine = &finding.location.function;
     if how == "review" {
         return Ok(Fix::review(
@@ -38,7 +41,10 @@ pub fn fix(repo: &Path, finding: &Finding) -> Result<Fix, RepairError> {
     let rel = finding.location.file.clone();
     let src = read_source(repo, &rel)?;
     let call = find_call(src.body(), range).ok_or_else(|| {
-        unsupported(finding, "the call is no longer where the analysis found it: re-run analyze and plan again")
+        unsupported(
+            finding,
+            "the call is no longer where the analysis found it: re-run analyze and plan again",
+        )
     })?;
     let func_text = src.slice(&*call.func).to_owned();
     let args_range = call.arguments.range();
@@ -60,8 +66,15 @@ pub fn fix(repo: &Path, finding: &Finding) -> Result<Fix, RepairError> {
     };
     let mut edits = Edits::default();
     edits.replace(call.start().to_usize(), call.end().to_usize(), replacement);
-    text::ensure_import(&src, &mut edits, "import asyncio", text::imports_module(&src, "asyncio"));
-    let new = edits.apply(&src.text).map_err(|e| unsupported(finding, e))?;
+    text::ensure_import(
+        &src,
+        &mut edits,
+        "import asyncio",
+        text::imports_module(&src, "asyncio"),
+    );
+    let new = edits
+        .apply(&src.text)
+        .map_err(|e| unsupported(finding, e))?;
     let (strategy, rationale, notes) = if how == "asyncio.sleep" {
         (
             "asyncio_sleep",
@@ -78,14 +91,20 @@ pub fn fix(repo: &Path, finding: &Finding) -> Result<Fix, RepairError> {
             ),
             vec![
                 "asyncio.to_thread needs Python 3.9+".to_owned(),
-                format!("{func_text} now runs on another thread: it must not touch event-loop objects or rely on thread-local state"),
+                format!(
+                    "{func_text} now runs on another thread: it must not touch event-loop objects or rely on thread-local state"
+                ),
             ],
         )
     };
     Ok(Fix {
         strategy,
         rationale,
-        risk: if how == "asyncio.sleep" { Risk::Low } else { Risk::Medium },
+        risk: if how == "asyncio.sleep" {
+            Risk::Low
+        } else {
+            Risk::Medium
+        },
         risk_notes: notes,
         requires_review: None,
         changes: vec![(rel, new)],

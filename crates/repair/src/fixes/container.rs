@@ -24,8 +24,14 @@ pub fn fix(repo: &Path, _analysis: &Analysis, finding: &Finding) -> Result<Fix, 
         return cache(repo, finding);
     }
     let ev = &finding.evidence;
-    let name = ev.get("container").and_then(|v| v.as_str()).unwrap_or_default();
-    let kind = ev.get("container_kind").and_then(|v| v.as_str()).unwrap_or("dict");
+    let name = ev
+        .get("container")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
+    let kind = ev
+        .get("container_kind")
+        .and_then(|v| v.as_str())
+        .unwrap_or("dict");
     let short = name.rsplit('.').next().unwrap_or(name);
     let constant = format!(
         "_PYMEDIC_MAX_{}",
@@ -33,7 +39,11 @@ pub fn fix(repo: &Path, _analysis: &Analysis, finding: &Finding) -> Result<Fix, 
     );
     // Add sites by file.
     let mut sites: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    for r in finding.related.iter().filter(|r| r.role.starts_with("adds to")) {
+    for r in finding
+        .related
+        .iter()
+        .filter(|r| r.role.starts_with("adds to"))
+    {
         sites.entry(r.file.clone()).or_default().push(r.line);
     }
     if sites.is_empty() {
@@ -41,17 +51,26 @@ pub fn fix(repo: &Path, _analysis: &Analysis, finding: &Finding) -> Result<Fix, 
     }
     let adds = ev.get("adds").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
     if adds > sites.values().map(Vec::len).sum::<usize>() {
-        return Err(unsupported(finding, format!("{name} is added to in {adds} places; bound it by hand")));
+        return Err(unsupported(
+            finding,
+            format!("{name} is added to in {adds} places; bound it by hand"),
+        ));
     }
     let mut changes = Vec::new();
     for (file, lines) in sites {
         let src = read_source(repo, &file)?;
         let mut edits = Edits::default();
         for line in lines {
-            add_eviction(&src, &mut edits, line, kind, &constant).map_err(|e| unsupported(finding, e))?;
+            add_eviction(&src, &mut edits, line, kind, &constant)
+                .map_err(|e| unsupported(finding, e))?;
         }
         define_constant(&src, &mut edits, &constant);
-        changes.push((file, edits.apply(&src.text).map_err(|e| unsupported(finding, e))?));
+        changes.push((
+            file,
+            edits
+                .apply(&src.text)
+                .map_err(|e| unsupported(finding, e))?,
+        ));
     }
     Ok(Fix {
         strategy: "bound_container",
@@ -60,7 +79,9 @@ pub fn fix(repo: &Path, _analysis: &Analysis, finding: &Finding) -> Result<Fix, 
         ),
         risk: Risk::Medium,
         risk_notes: vec![
-            format!("code that expects an evicted entry to still be in {name} recomputes or misses it: right for a cache, wrong for a registry"),
+            format!(
+                "code that expects an evicted entry to still be in {name} recomputes or misses it: right for a cache, wrong for a registry"
+            ),
             format!("tune {constant} to the working set"),
         ],
         requires_review: None,
@@ -68,22 +89,59 @@ pub fn fix(repo: &Path, _analysis: &Analysis, finding: &Finding) -> Result<Fix, 
     })
 }
 
-fn add_eviction(src: &Source, edits: &mut Edits, line: u32, kind: &str, constant: &str) -> Result<(), String> {
+fn add_eviction(
+    src: &Source,
+    edits: &mut Edits,
+    line: u32,
+    kind: &str,
+    constant: &str,
+) -> Result<(), String> {
     let mut hits = Vec::new();
-    text::find_all_deep(src.body(), &|s| src.line(s) == line && !matches!(s, Stmt::FunctionDef(_) | Stmt::ClassDef(_) | Stmt::If(_) | Stmt::For(_) | Stmt::While(_) | Stmt::With(_) | Stmt::Try(_)), &mut hits);
-    let stmt = hits.first().ok_or_else(|| format!("no statement at line {line}: the file changed since the analysis"))?;
+    text::find_all_deep(
+        src.body(),
+        &|s| {
+            src.line(s) == line
+                && !matches!(
+                    s,
+                    Stmt::FunctionDef(_)
+                        | Stmt::ClassDef(_)
+                        | Stmt::If(_)
+                        | Stmt::For(_)
+                        | Stmt::While(_)
+                        | Stmt::With(_)
+                        | Stmt::Try(_)
+                )
+        },
+        &mut hits,
+    );
+    let stmt = hits.first().ok_or_else(|| {
+        format!("no statement at line {line}: the file changed since the analysis")
+    })?;
     if !src.starts_line(*stmt) || !src.ends_line(*stmt) {
-        return Err(format!("line {line} holds more than one statement; edit it by hand"));
+        return Err(format!(
+            "line {line} holds more than one statement; edit it by hand"
+        ));
     }
-    let target = container_text(src, stmt).ok_or_else(|| format!("cannot tell which container line {line} adds to"))?;
+    let target = container_text(src, stmt)
+        .ok_or_else(|| format!("cannot tell which container line {line} adds to"))?;
     let indent = src.indent_of(line).to_owned();
     let unit = src.indent_unit();
     let evict = match kind {
-        "list" => format!("{indent}if len({target}) > {constant}:\n{indent}{unit}del {target}[: len({target}) - {constant}]\n"),
-        "deque" => format!("{indent}while len({target}) > {constant}:\n{indent}{unit}{target}.popleft()\n"),
-        "set" => format!("{indent}while len({target}) > {constant}:\n{indent}{unit}{target}.pop()\n"),
-        "OrderedDict" => format!("{indent}while len({target}) > {constant}:\n{indent}{unit}{target}.popitem(last=False)\n"),
-        _ => format!("{indent}while len({target}) > {constant}:\n{indent}{unit}{target}.pop(next(iter({target})))\n"),
+        "list" => format!(
+            "{indent}if len({target}) > {constant}:\n{indent}{unit}del {target}[: len({target}) - {constant}]\n"
+        ),
+        "deque" => {
+            format!("{indent}while len({target}) > {constant}:\n{indent}{unit}{target}.popleft()\n")
+        }
+        "set" => {
+            format!("{indent}while len({target}) > {constant}:\n{indent}{unit}{target}.pop()\n")
+        }
+        "OrderedDict" => format!(
+            "{indent}while len({target}) > {constant}:\n{indent}{unit}{target}.popitem(last=False)\n"
+        ),
+        _ => format!(
+            "{indent}while len({target}) > {constant}:\n{indent}{unit}{target}.pop(next(iter({target})))\n"
+        ),
     };
     let before = matches!(stmt, Stmt::Return(_) | Stmt::Raise(_));
     let (s, e) = src.lines_range(line, src.end_line(*stmt));
@@ -148,10 +206,13 @@ fn cache(repo: &Path, finding: &Finding) -> Result<Fix, RepairError> {
         other => {
             let t = src.slice(other);
             match t.strip_suffix("cache") {
-                Some(prefix) if !prefix.is_empty() => (format!("{prefix}lru_cache(maxsize={CACHE_SIZE})"), None),
+                Some(prefix) if !prefix.is_empty() => {
+                    (format!("{prefix}lru_cache(maxsize={CACHE_SIZE})"), None)
+                }
                 _ => (
                     format!("lru_cache(maxsize={CACHE_SIZE})"),
-                    (!text::imports_from(&src, "functools", "lru_cache")).then_some("from functools import lru_cache"),
+                    (!text::imports_from(&src, "functools", "lru_cache"))
+                        .then_some("from functools import lru_cache"),
                 ),
             }
         }
@@ -160,7 +221,9 @@ fn cache(repo: &Path, finding: &Finding) -> Result<Fix, RepairError> {
     if let Some(imp) = import {
         text::ensure_import(&src, &mut edits, imp, false);
     }
-    let new = edits.apply(&src.text).map_err(|e| unsupported(finding, e))?;
+    let new = edits
+        .apply(&src.text)
+        .map_err(|e| unsupported(finding, e))?;
     Ok(Fix {
         strategy: "bound_cache",
         rationale: format!(

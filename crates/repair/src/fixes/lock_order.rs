@@ -25,7 +25,11 @@ pub fn fix(repo: &Path, analysis: &Analysis, finding: &Finding) -> Result<Fix, R
         .evidence
         .get("locks")
         .and_then(|v| v.as_array())
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     let g = locks::graph(&analysis.program);
     let p = &analysis.program;
@@ -36,9 +40,17 @@ pub fn fix(repo: &Path, analysis: &Analysis, finding: &Finding) -> Result<Fix, R
     let describe = |from: &str, to: &str| {
         let sites = g.edges.get(&(from.to_owned(), to.to_owned()));
         let list = sites
-            .map(|v| v.iter().map(|s| at(&s.inner)).collect::<Vec<_>>().join(", "))
+            .map(|v| {
+                v.iter()
+                    .map(|s| at(&s.inner))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
             .unwrap_or_default();
-        format!("{from} → {to} at {} site(s): {list}", sites.map_or(0, Vec::len))
+        format!(
+            "{from} → {to} at {} site(s): {list}",
+            sites.map_or(0, Vec::len)
+        )
     };
     if names.len() != 2 {
         let orders: Vec<String> = (0..names.len())
@@ -47,12 +59,21 @@ pub fn fix(repo: &Path, analysis: &Analysis, finding: &Finding) -> Result<Fix, R
         return Ok(Fix::review(
             "lock_order",
             format!("{} locks form a cycle: {}", names.len(), orders.join("; ")),
-            "a cycle through more than two locks needs a global lock order chosen by a person".into(),
+            "a cycle through more than two locks needs a global lock order chosen by a person"
+                .into(),
         ));
     }
     let (a, b) = (&names[0], &names[1]);
-    let ab = g.edges.get(&(a.clone(), b.clone())).cloned().unwrap_or_default();
-    let ba = g.edges.get(&(b.clone(), a.clone())).cloned().unwrap_or_default();
+    let ab = g
+        .edges
+        .get(&(a.clone(), b.clone()))
+        .cloned()
+        .unwrap_or_default();
+    let ba = g
+        .edges
+        .get(&(b.clone(), a.clone()))
+        .cloned()
+        .unwrap_or_default();
     let rationale = format!(
         "two threads taking these locks in opposite orders can deadlock: {}; {}",
         describe(a, b),
@@ -96,13 +117,16 @@ pub fn fix(repo: &Path, analysis: &Analysis, finding: &Finding) -> Result<Fix, R
         for s in sites {
             let src = Source::new(text);
             let qual = &p.function(s.outer.func).qualname;
-            text = hoist(&src, qual, s.outer.line, s.inner.line).map_err(|e| unsupported(finding, e))?;
+            text = hoist(&src, qual, s.outer.line, s.inner.line)
+                .map_err(|e| unsupported(finding, e))?;
         }
         changes.push((file, text));
     }
     Ok(Fix {
         strategy: "lock_order",
-        rationale: format!("{rationale}. The majority order {first} → {second} is kept; the minority sites now take {first} first."),
+        rationale: format!(
+            "{rationale}. The majority order {first} → {second} is kept; the minority sites now take {first} first."
+        ),
         risk: Risk::Medium,
         risk_notes: vec![format!(
             "{first} is now held for the whole `with {second}` block at the changed sites: more contention, no deadlock"
@@ -126,21 +150,38 @@ fn hoist(src: &Source, qualname: &str, outer_line: u32, inner_line: u32) -> Resu
     let mut edits = Edits::default();
     if outer_line == inner_line {
         // `with b, a:` → `with a, b:`
-        let pos_b = outer.items.iter().position(|it| src.line(&it.context_expr) == outer_line);
+        let pos_b = outer
+            .items
+            .iter()
+            .position(|it| src.line(&it.context_expr) == outer_line);
         let n = outer.items.len();
         let (Some(ib), true) = (pos_b, n == 2) else {
             return Err("a `with` with more than two items; reorder it by hand".into());
         };
         let ia = 1 - ib;
-        let (ta, tb) = (src.slice(&outer.items[ia]).to_owned(), src.slice(&outer.items[ib]).to_owned());
-        edits.replace(outer.items[ib].start().to_usize(), outer.items[ib].end().to_usize(), ta);
-        edits.replace(outer.items[ia].start().to_usize(), outer.items[ia].end().to_usize(), tb);
+        let (ta, tb) = (
+            src.slice(&outer.items[ia]).to_owned(),
+            src.slice(&outer.items[ib]).to_owned(),
+        );
+        edits.replace(
+            outer.items[ib].start().to_usize(),
+            outer.items[ib].end().to_usize(),
+            ta,
+        );
+        edits.replace(
+            outer.items[ia].start().to_usize(),
+            outer.items[ia].end().to_usize(),
+            tb,
+        );
         return edits.apply(&src.text);
     }
-    let (isuite, j) = text::find_stmt(&outer.body, &|s| {
-        matches!(s, Stmt::With(w) if src.line(s) == inner_line && w.items.len() == 1)
-    })
-    .ok_or_else(|| format!("no single-item `with` at line {inner_line} inside the one at line {outer_line}"))?;
+    let (isuite, j) = text::find_stmt(
+        &outer.body,
+        &|s| matches!(s, Stmt::With(w) if src.line(s) == inner_line && w.items.len() == 1),
+    )
+    .ok_or_else(|| {
+        format!("no single-item `with` at line {inner_line} inside the one at line {outer_line}")
+    })?;
     let Stmt::With(inner) = &isuite[j] else {
         unreachable!("matched a with")
     };

@@ -24,16 +24,27 @@ use crate::text::{self, Edits, Source};
 fn context_manager(acquired_by: &str, resource: &str) -> bool {
     match resource {
         "file" | "socket" | "process" => true,
-        _ => matches!(acquired_by, "urllib.request.urlopen" | "smtplib.SMTP" | "ftplib.FTP"),
+        _ => matches!(
+            acquired_by,
+            "urllib.request.urlopen" | "smtplib.SMTP" | "ftplib.FTP"
+        ),
     }
 }
 
 pub fn fix(repo: &Path, finding: &Finding) -> Result<Fix, RepairError> {
     let ev = &finding.evidence;
-    let s = |k: &str| ev.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+    let s = |k: &str| {
+        ev.get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
     let (var, resource, acquired_by) = (s("variable"), s("resource"), s("acquired_by"));
     if var.is_empty() {
-        return Err(unsupported(finding, "the finding has no `variable` in its evidence"));
+        return Err(unsupported(
+            finding,
+            "the finding has no `variable` in its evidence",
+        ));
     }
     let rel = finding.location.file.clone();
     let src = read_source(repo, &rel)?;
@@ -56,7 +67,10 @@ pub fn fix(repo: &Path, finding: &Finding) -> Result<Fix, RepairError> {
 
 type Outcome = (String, (&'static str, String, Risk, Vec<String>));
 
-fn function<'a>(src: &'a Source, finding: &Finding) -> Result<&'a ruff_python_ast::StmtFunctionDef, String> {
+fn function<'a>(
+    src: &'a Source,
+    finding: &Finding,
+) -> Result<&'a ruff_python_ast::StmtFunctionDef, String> {
     text::find_function(src.body(), &finding.location.function).ok_or_else(|| {
         format!(
             "function {} not found in {}: the file changed since the analysis",
@@ -66,22 +80,38 @@ fn function<'a>(src: &'a Source, finding: &Finding) -> Result<&'a ruff_python_as
 }
 
 /// The statements after `suite[i]` up to the last one mentioning `var`.
-fn region_after<'a>(suite: &'a [Stmt], i: usize, uses: &dyn Fn(&Stmt) -> bool) -> Option<&'a [Stmt]> {
+fn region_after<'a>(
+    suite: &'a [Stmt],
+    i: usize,
+    uses: &dyn Fn(&Stmt) -> bool,
+) -> Option<&'a [Stmt]> {
     let rest = &suite[i + 1..];
     let last = rest.iter().rposition(uses)?;
     Some(&rest[..=last])
 }
 
-fn object(src: &Source, finding: &Finding, var: &str, resource: &str, by: &str) -> Result<Outcome, String> {
+fn object(
+    src: &Source,
+    finding: &Finding,
+    var: &str,
+    resource: &str,
+    by: &str,
+) -> Result<Outcome, String> {
     let func = function(src, finding)?;
     let line = finding.location.line;
     let (suite, i) = text::find_stmt(&func.body, &|s| {
-        src.line(s) == line && matches!(s, Stmt::Assign(_) | Stmt::AnnAssign(_)) && text::mentions(s, var)
+        src.line(s) == line
+            && matches!(s, Stmt::Assign(_) | Stmt::AnnAssign(_))
+            && text::mentions(s, var)
     })
-    .ok_or_else(|| format!("no assignment to `{var}` at line {line}: the file changed since the analysis"))?;
+    .ok_or_else(|| {
+        format!("no assignment to `{var}` at line {line}: the file changed since the analysis")
+    })?;
     let acq = &suite[i];
     if !src.starts_line(acq) || !src.ends_line(acq) {
-        return Err(format!("line {line} holds more than one statement; edit it by hand"));
+        return Err(format!(
+            "line {line} holds more than one statement; edit it by hand"
+        ));
     }
     let region = region_after(suite, i, &|s| text::mentions(s, var))
         .ok_or_else(|| format!("`{var}` is not used after line {line}: nothing to wrap"))?;
@@ -100,10 +130,18 @@ fn object(src: &Source, finding: &Finding, var: &str, resource: &str, by: &str) 
     let mut edits = Edits::default();
     let simple_target = matches!(acq, Stmt::Assign(a) if a.targets.len() == 1 && matches!(a.targets[0], Expr::Name(_)));
     if context_manager(by, resource) && simple_target {
-        let Stmt::Assign(a) = acq else { unreachable!("checked above") };
+        let Stmt::Assign(a) = acq else {
+            unreachable!("checked above")
+        };
         // Closes made redundant by the `with` (top level of the region only).
         let mut removed = Vec::new();
-        removals(src, region, &|s| is_method_stmt(src, s, var, &["close"]), false, &mut removed)?;
+        removals(
+            src,
+            region,
+            &|s| is_method_stmt(src, s, var, &["close"]),
+            false,
+            &mut removed,
+        )?;
         let body = region_text(src, first, last, &removed, 1)?;
         let body = if body.trim().is_empty() {
             format!("{indent}{}pass\n", src.indent_unit())
@@ -145,7 +183,12 @@ fn object(src: &Source, finding: &Finding, var: &str, resource: &str, by: &str) 
             if resource == "file descriptor" {
                 is_os_close(src, s, var)
             } else {
-                is_method_stmt(src, s, var, &[rel_name.rsplit('.').next().unwrap_or("close")])
+                is_method_stmt(
+                    src,
+                    s,
+                    var,
+                    &[rel_name.rsplit('.').next().unwrap_or("close")],
+                )
             }
         },
         deep,
@@ -166,14 +209,18 @@ fn object(src: &Source, finding: &Finding, var: &str, resource: &str, by: &str) 
                 exits_text(finding)
             ),
             Risk::Low,
-            vec![format!("{release} now runs when the block ends (line {last})")],
+            vec![format!(
+                "{release} now runs when the block ends (line {last})"
+            )],
         ),
     ))
 }
 
 fn is_os_close(src: &Source, s: &Stmt, var: &str) -> bool {
     let Stmt::Expr(e) = s else { return false };
-    let Expr::Call(c) = &*e.value else { return false };
+    let Expr::Call(c) = &*e.value else {
+        return false;
+    };
     src.slice(&*c.func).ends_with("close")
         && c.arguments.args.len() == 1
         && src.slice(&c.arguments.args[0]) == var
@@ -254,10 +301,12 @@ fn close_on_exits(
                 .collect()
         })
         .unwrap_or_default();
-    if let Some((k, l)) = exits
-        .iter()
-        .find(|(k, _)| !matches!(k.as_str(), "return" | "raise" | "break" | "continue" | "exception"))
-    {
+    if let Some((k, l)) = exits.iter().find(|(k, _)| {
+        !matches!(
+            k.as_str(),
+            "return" | "raise" | "break" | "continue" | "exception"
+        )
+    }) {
         return Err(format!(
             "`{var}` is handed over on some paths and leaks at the {k} at line {l}: which owner should close it needs a person"
         ));
@@ -269,19 +318,35 @@ fn close_on_exits(
             continue;
         }
         let mut hits = Vec::new();
-        text::find_all(region, &|s| src.line(s) == *line && matches!(s, Stmt::Return(_) | Stmt::Raise(_) | Stmt::Break(_) | Stmt::Continue(_)), &mut hits);
+        text::find_all(
+            region,
+            &|s| {
+                src.line(s) == *line
+                    && matches!(
+                        s,
+                        Stmt::Return(_) | Stmt::Raise(_) | Stmt::Break(_) | Stmt::Continue(_)
+                    )
+            },
+            &mut hits,
+        );
         let Some(stmt) = hits.first() else {
-            return Err(format!("no exit statement at line {line}: the file changed since the analysis"));
+            return Err(format!(
+                "no exit statement at line {line}: the file changed since the analysis"
+            ));
         };
         if !src.starts_line(*stmt) {
-            return Err(format!("line {line} holds more than one statement; edit it by hand"));
+            return Err(format!(
+                "line {line} holds more than one statement; edit it by hand"
+            ));
         }
         let (s, _) = src.lines_range(*line, *line);
         edits.insert(s, format!("{}{release}\n", src.indent_of(*line)));
         inserted.push(*line);
     }
     let text1 = edits.apply(&src.text)?;
-    let mut notes = vec![format!("{release} inserted before the exits at lines {inserted:?}")];
+    let mut notes = vec![format!(
+        "{release} inserted before the exits at lines {inserted:?}"
+    )];
     let mut text = text1;
     if exits.iter().any(|(k, _)| k == "exception") {
         // Second pass on the edited text: wrap the region so an exception
@@ -289,8 +354,10 @@ fn close_on_exits(
         let src2 = Source::new(text.clone());
         let line = finding.location.line;
         let func = function(&src2, finding)?;
-        let (suite, i) = text::find_stmt(&func.body, &|s| src2.line(s) == line && text::mentions(s, var))
-            .ok_or("the acquisition moved")?;
+        let (suite, i) = text::find_stmt(&func.body, &|s| {
+            src2.line(s) == line && text::mentions(s, var)
+        })
+        .ok_or("the acquisition moved")?;
         let region = region_after(suite, i, &|s| text::mentions(s, var)).ok_or("no region")?;
         let first = src2.line(&region[0]);
         let last = src2.end_line(region.last().expect("non-empty"));
@@ -328,7 +395,9 @@ fn lock(src: &Source, finding: &Finding, key: &str) -> Result<Outcome, String> {
     let (suite, i) = text::find_stmt(&func.body, &|s| {
         src.line(s) == line && matches!(s, Stmt::Expr(_) | Stmt::If(_))
     })
-    .ok_or_else(|| format!("no acquire() of {key} at line {line}: the file changed since the analysis"))?;
+    .ok_or_else(|| {
+        format!("no acquire() of {key} at line {line}: the file changed since the analysis")
+    })?;
     let acq = &suite[i];
     if let Stmt::If(cond) = acq
         && !matches!(&*cond.test, Expr::UnaryOp(u) if u.op == ruff_python_ast::UnaryOp::Not)
@@ -358,7 +427,11 @@ fn lock(src: &Source, finding: &Finding, key: &str) -> Result<Outcome, String> {
         "every {key}.release() inside the block is removed: the lock is now released when the block ends (line {last}), which may hold it longer than before"
     )];
     if plain_acquire {
-        edits.replace(acq.start().to_usize(), acq.end().to_usize(), format!("with {key}:"));
+        edits.replace(
+            acq.start().to_usize(),
+            acq.end().to_usize(),
+            format!("with {key}:"),
+        );
         let (s, e) = src.lines_range(first, last);
         edits.replace(s, e, body);
         let new = edits.apply(&src.text)?;

@@ -20,135 +20,13 @@ use ruff_text_size::Ranged;
 use crate::facts::*;
 use crate::source::LineIndex;
 
-/// Call names that take ownership of an argument (store it, close it later,
-/// or run it on another thread).
-const TAKES_OWNERSHIP: &[&str] = &[
-    "append",
-    "appendleft",
-    "add",
-    "put",
-    "put_nowait",
-    "insert",
-    "extend",
-    "register",
-    "submit",
-    "setdefault",
-    "update",
-    "Thread",
-    "Process",
-    "Timer",
-    "start_new_thread",
-    "run_in_executor",
-    "create_task",
-    "ensure_future",
-    "spawn",
-    "apply_async",
-    "push",
-    "enter_context",
-    "callback",
-    "wrap_socket",
-    "TextIOWrapper",
-    "BufferedReader",
-    "BufferedWriter",
-    "BufferedRandom",
-    "fdopen",
-    "fromfd",
-    "closing",
-    "finalize",
-    "detach",
-    "makefile",
-];
+mod ownership;
+mod syntax;
 
-/// Calls that use an argument without keeping it.
-const NON_RETAINING: &[&str] = &[
-    "load", "loads", "dump", "dumps", "read", "readline", "readlines", "write", "fstat",
-    "lseek", "fsync", "ftruncate", "fileno", "len", "isinstance", "str", "repr", "int", "bool",
-    "hash", "id", "type", "getattr", "hasattr", "print", "select", "copyfileobj", "sendfile",
-    "reader", "writer", "DictReader", "DictWriter", "iter", "enumerate", "next", "list", "sorted",
-    "tuple", "zip", "flock", "lockf", "fcntl", "ioctl", "set_inheritable", "set_blocking",
-    "get_inheritable", "recv", "send", "sendall", "format",
-];
-
-/// Whether `e` passes `name` to a call that may keep it (its result is kept
-/// by the caller).
-fn kept_by_call(e: &Expr, name: &str) -> bool {
-    struct K<'n>(&'n str, bool);
-    impl<'a> Visitor<'a> for K<'_> {
-        fn visit_expr(&mut self, expr: &'a Expr) {
-            if self.1 {
-                return;
-            }
-            if let Expr::Call(c) = expr {
-                let last = callee_last(&c.func);
-                let on_self = matches!(&*c.func, Expr::Attribute(a) if is_name(&a.value, self.0));
-                let passes = c.arguments.args.iter().any(|a| is_name(a, self.0))
-                    || c.arguments.keywords.iter().any(|k| is_name(&k.value, self.0));
-                if passes && !on_self && !NON_RETAINING.contains(&last) {
-                    self.1 = true;
-                    return;
-                }
-            }
-            if let Expr::Lambda(_) = expr {
-                return;
-            }
-            visitor::walk_expr(self, expr);
-        }
-    }
-    let mut k = K(name, false);
-    k.visit_expr(e);
-    k.1
-}
-
-/// What acquires a resource, by qualified callee.
-pub fn acquisition(q: &str) -> Option<ResourceKind> {
-    use ResourceKind::*;
-    Some(match q {
-        "open" | "io.open" | "codecs.open" | "gzip.open" | "bz2.open" | "lzma.open"
-        | "tarfile.open" | "zipfile.ZipFile" | "tempfile.TemporaryFile"
-        | "tempfile.NamedTemporaryFile" | "tempfile.SpooledTemporaryFile" | "io.FileIO"
-        | "gzip.GzipFile" | "os.fdopen" | "select.epoll" | "select.kqueue"
-        | "selectors.DefaultSelector" | "selectors.EpollSelector"
-        | "selectors.SelectSelector" | "selectors.PollSelector" => File,
-        "socket.socket" | "socket.create_connection" | "socket.create_server"
-        | "socket.fromfd" | "ssl.wrap_socket" => Socket,
-        "os.open" | "os.dup" | "os.eventfd" | "os.memfd_create" | "os.pidfd_open"
-        | "os.pipe" | "os.pipe2" | "os.openpty" => RawFd,
-        "sqlite3.connect" | "psycopg2.connect" | "psycopg.connect" | "pymysql.connect"
-        | "http.client.HTTPConnection" | "http.client.HTTPSConnection"
-        | "urllib.request.urlopen" | "ftplib.FTP" | "smtplib.SMTP" | "smtplib.SMTP_SSL"
-        | "telnetlib.Telnet" | "imaplib.IMAP4" | "poplib.POP3" => Connection,
-        "subprocess.Popen" => Process,
-        "multiprocessing.Pool" | "multiprocessing.pool.Pool" | "multiprocessing.pool.ThreadPool"
-        | "concurrent.futures.ThreadPoolExecutor"
-        | "concurrent.futures.ProcessPoolExecutor" => Pool,
-        "mmap.mmap" => Other,
-        _ => return None,
-    })
-}
-
-/// How the resource is released, for messages and repairs.
-pub fn release_text(kind: ResourceKind, var: &str) -> String {
-    match kind {
-        ResourceKind::RawFd => format!("os.close({var})"),
-        ResourceKind::Lock => format!("{var}.release()"),
-        ResourceKind::Process => format!("{var}.wait()"),
-        ResourceKind::Pool => format!("{var}.shutdown()/close()"),
-        _ => format!("{var}.close()"),
-    }
-}
-
-fn releases_method(kind: ResourceKind, m: &str) -> bool {
-    match kind {
-        ResourceKind::Lock => m == "release",
-        ResourceKind::Process => matches!(
-            m,
-            "wait" | "communicate" | "kill" | "terminate" | "__exit__"
-        ),
-        ResourceKind::Pool => matches!(m, "close" | "terminate" | "shutdown" | "join" | "__exit__"),
-        ResourceKind::RawFd => false,
-        _ => matches!(m, "close" | "__exit__" | "detach"),
-    }
-}
+pub use ownership::consumed_names;
+use ownership::{Escape, escape, releases};
+use syntax::*;
+pub use syntax::{acquisition, release_text};
 
 struct Res {
     var: String,
@@ -206,6 +84,9 @@ pub fn find(
     qualify: &dyn Fn(&Expr) -> Option<String>,
     path: &dyn Fn(&Expr) -> Option<PathRef>,
 ) -> Vec<LeakFact> {
+    if !any_acquisition(body) {
+        return Vec::new();
+    }
     let mut w = Walker {
         lines,
         qualify,
@@ -239,181 +120,6 @@ pub fn find(
             passed_to: r.passed_to,
         })
         .collect()
-}
-
-/// True when the function closes, stores, returns or hands on parameter `name`.
-pub fn consumes(body: &[Stmt], name: &str) -> bool {
-    struct C<'n> {
-        name: &'n str,
-        found: bool,
-    }
-    impl<'a> Visitor<'a> for C<'_> {
-        fn visit_stmt(&mut self, stmt: &'a Stmt) {
-            if self.found {
-                return;
-            }
-            match stmt {
-                Stmt::Return(r) if r.value.as_deref().is_some_and(|v| mentions(v, self.name)) => {
-                    self.found = true;
-                }
-                Stmt::Assign(a)
-                    if mentions(&a.value, self.name)
-                        && a.targets.iter().any(|t| !matches!(t, Expr::Name(_))) =>
-                {
-                    self.found = true;
-                }
-                Stmt::With(w) if w.items.iter().any(|i| mentions(&i.context_expr, self.name)) => {
-                    self.found = true;
-                }
-                _ => {}
-            }
-            visitor::walk_stmt(self, stmt);
-        }
-        fn visit_expr(&mut self, expr: &'a Expr) {
-            if self.found {
-                return;
-            }
-            match expr {
-                Expr::Call(c) => {
-                    if let Expr::Attribute(a) = &*c.func
-                        && is_name(&a.value, self.name)
-                        && matches!(
-                            a.attr.id.as_str(),
-                            "close" | "release" | "wait" | "communicate" | "shutdown" | "detach"
-                        )
-                    {
-                        self.found = true;
-                    }
-                    let last = callee_last(&c.func);
-                    let passes = c.arguments.args.iter().any(|a| is_name(a, self.name))
-                        || c.arguments.keywords.iter().any(|k| is_name(&k.value, self.name));
-                    if passes && (last == "close" || TAKES_OWNERSHIP.contains(&last)) {
-                        self.found = true;
-                    }
-                }
-                Expr::Yield(y) if y.value.as_deref().is_some_and(|v| mentions(v, self.name)) => {
-                    self.found = true;
-                }
-                Expr::Lambda(l) if mentions(&l.body, self.name) => {
-                    self.found = true;
-                }
-                _ => {}
-            }
-            visitor::walk_expr(self, expr);
-        }
-    }
-    let mut c = C { name, found: false };
-    for s in body {
-        c.visit_stmt(s);
-    }
-    c.found
-}
-
-fn is_name(e: &Expr, name: &str) -> bool {
-    matches!(e, Expr::Name(n) if n.id.as_str() == name)
-}
-
-fn callee_last(e: &Expr) -> &str {
-    match e {
-        Expr::Name(n) => n.id.as_str(),
-        Expr::Attribute(a) => a.attr.id.as_str(),
-        _ => "",
-    }
-}
-
-/// Whether `name` occurs (as a load of that name) anywhere in `e`.
-pub(crate) fn mentions(e: &Expr, name: &str) -> bool {
-    struct M<'n> {
-        name: &'n str,
-        found: bool,
-    }
-    impl<'a> Visitor<'a> for M<'_> {
-        fn visit_expr(&mut self, expr: &'a Expr) {
-            if self.found {
-                return;
-            }
-            if is_name(expr, self.name) {
-                self.found = true;
-                return;
-            }
-            visitor::walk_expr(self, expr);
-        }
-    }
-    let mut m = M { name, found: false };
-    m.visit_expr(e);
-    m.found
-}
-
-fn stmt_mentions(s: &Stmt, name: &str) -> bool {
-    struct M<'n> {
-        name: &'n str,
-        found: bool,
-    }
-    impl<'a> Visitor<'a> for M<'_> {
-        fn visit_expr(&mut self, expr: &'a Expr) {
-            if self.found {
-                return;
-            }
-            if is_name(expr, self.name) {
-                self.found = true;
-                return;
-            }
-            visitor::walk_expr(self, expr);
-        }
-    }
-    let mut m = M { name, found: false };
-    m.visit_stmt(s);
-    m.found
-}
-
-/// Whether an expression (not descending into lambdas) contains a call.
-fn has_call(e: &Expr) -> bool {
-    struct H(bool);
-    impl<'a> Visitor<'a> for H {
-        fn visit_expr(&mut self, expr: &'a Expr) {
-            if self.0 {
-                return;
-            }
-            match expr {
-                Expr::Call(_) => self.0 = true,
-                Expr::Lambda(_) => {}
-                _ => visitor::walk_expr(self, expr),
-            }
-        }
-    }
-    let mut h = H(false);
-    h.visit_expr(e);
-    h.0
-}
-
-/// Texts of locks released (`X.release()`) anywhere in the body.
-fn released_locks(body: &[Stmt], out: &mut BTreeSet<String>) {
-    struct R<'o>(&'o mut BTreeSet<String>);
-    impl<'a> Visitor<'a> for R<'_> {
-        fn visit_expr(&mut self, expr: &'a Expr) {
-            if let Expr::Call(c) = expr
-                && let Expr::Attribute(a) = &*c.func
-                && a.attr.id.as_str() == "release"
-                && let Some(t) = expr_text(&a.value)
-            {
-                self.0.insert(t);
-            }
-            visitor::walk_expr(self, expr);
-        }
-    }
-    let mut r = R(out);
-    for s in body {
-        r.visit_stmt(s);
-    }
-}
-
-/// `a.b.c` as text, for lock keys.
-fn expr_text(e: &Expr) -> Option<String> {
-    match e {
-        Expr::Name(n) => Some(n.id.to_string()),
-        Expr::Attribute(a) => Some(format!("{}.{}", expr_text(&a.value)?, a.attr.id)),
-        _ => None,
-    }
 }
 
 struct Walker<'l, 'q> {
@@ -539,7 +245,7 @@ impl Walker<'_, '_> {
         let keys: Vec<(String, Open)> = state.0.iter().map(|(k, v)| (k.clone(), *v)).collect();
         for (key, open) in keys {
             let kind = self.res[open.res].kind;
-            if self.releases(stmt, &key, kind) {
+            if releases(stmt, &key, kind) {
                 self.res[open.res].released_somewhere = true;
                 state.0.remove(&key);
                 continue;
@@ -547,7 +253,7 @@ impl Walker<'_, '_> {
             if kind == ResourceKind::Lock {
                 continue;
             }
-            match self.escape(stmt, &key) {
+            match escape(stmt, &key, self.path) {
                 Escape::Yes => {
                     state.0.remove(&key);
                 }
@@ -564,162 +270,6 @@ impl Walker<'_, '_> {
         }
     }
 
-    fn releases(&self, stmt: &Stmt, key: &str, kind: ResourceKind) -> bool {
-        struct R<'k> {
-            key: &'k str,
-            kind: ResourceKind,
-            found: bool,
-        }
-        impl<'a> Visitor<'a> for R<'_> {
-            fn visit_expr(&mut self, expr: &'a Expr) {
-                if self.found {
-                    return;
-                }
-                if let Expr::Call(c) = expr {
-                    if let Expr::Attribute(a) = &*c.func
-                        && expr_text(&a.value).as_deref() == Some(self.key)
-                        && releases_method(self.kind, a.attr.id.as_str())
-                    {
-                        self.found = true;
-                        return;
-                    }
-                    if self.kind == ResourceKind::RawFd
-                        && matches!(callee_last(&c.func), "close" | "closerange")
-                        && c.arguments.args.iter().any(|a| is_name(a, self.key))
-                    {
-                        self.found = true;
-                        return;
-                    }
-                }
-                visitor::walk_expr(self, expr);
-            }
-            fn visit_stmt(&mut self, stmt: &'a Stmt) {
-                header_walk(self, stmt);
-            }
-        }
-        let mut r = R {
-            key,
-            kind,
-            found: false,
-        };
-        r.visit_stmt(stmt);
-        if r.found {
-            return true;
-        }
-        if let Stmt::Delete(d) = stmt {
-            return d.targets.iter().any(|t| is_name(t, key));
-        }
-        false
-    }
-
-    fn escape(&self, stmt: &Stmt, name: &str) -> Escape {
-        // Handed to a call whose result is kept: the result (a transport,
-        // a wrapper, a connection object) now owns it.
-        let kept = match stmt {
-            Stmt::Assign(a) => Some(&*a.value),
-            Stmt::AnnAssign(a) => a.value.as_deref(),
-            Stmt::AugAssign(a) => Some(&*a.value),
-            Stmt::Return(r) => r.value.as_deref(),
-            _ => None,
-        };
-        if kept.is_some_and(|v| kept_by_call(v, name)) {
-            return Escape::Yes;
-        }
-        match stmt {
-            Stmt::Return(r) if r.value.as_deref().is_some_and(|v| mentions(v, name)) => {
-                return Escape::Yes;
-            }
-            Stmt::Assign(a) if is_name(&a.value, name) || value_holds(&a.value, name) => {
-                return Escape::Yes;
-            }
-            Stmt::AnnAssign(a) if a.value.as_deref().is_some_and(|v| is_name(v, name)) => {
-                return Escape::Yes;
-            }
-            Stmt::FunctionDef(_) | Stmt::ClassDef(_) if stmt_mentions(stmt, name) => {
-                return Escape::Yes;
-            }
-            _ => {}
-        }
-        // Calls in the statement: ownership-taking ones, yields, closures.
-        struct E<'n, 'p> {
-            name: &'n str,
-            path: &'p dyn Fn(&Expr) -> Option<PathRef>,
-            yes: bool,
-            passed: Vec<(PathRef, usize)>,
-        }
-        impl<'a> Visitor<'a> for E<'_, '_> {
-            fn visit_expr(&mut self, expr: &'a Expr) {
-                if self.yes {
-                    return;
-                }
-                match expr {
-                    Expr::Lambda(l) => {
-                        if mentions(&l.body, self.name) {
-                            self.yes = true;
-                        }
-                        return;
-                    }
-                    Expr::Yield(y) if y.value.as_deref().is_some_and(|v| mentions(v, self.name)) => {
-                        self.yes = true;
-                        return;
-                    }
-                    Expr::Call(c) => {
-                        let last = callee_last(&c.func);
-                        for (i, a) in c.arguments.args.iter().enumerate() {
-                            let bound_method = matches!(a, Expr::Attribute(at) if is_name(&at.value, self.name));
-                            if bound_method
-                                || (value_holds(a, self.name) && !is_name(a, self.name))
-                            {
-                                self.yes = true;
-                                return;
-                            }
-                            if is_name(a, self.name) {
-                                if TAKES_OWNERSHIP.contains(&last) {
-                                    self.yes = true;
-                                    return;
-                                }
-                                if let Some(p) = (self.path)(&c.func) {
-                                    self.passed.push((p, i));
-                                }
-                            }
-                        }
-                        for k in &c.arguments.keywords {
-                            if mentions(&k.value, self.name)
-                                && (TAKES_OWNERSHIP.contains(&last)
-                                    || k.arg.as_ref().is_some_and(|a| {
-                                        matches!(a.id.as_str(), "args" | "kwargs" | "fileno" | "sock")
-                                    }))
-                            {
-                                self.yes = true;
-                                return;
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-                visitor::walk_expr(self, expr);
-            }
-            fn visit_stmt(&mut self, stmt: &'a Stmt) {
-                header_walk(self, stmt);
-            }
-        }
-        let mut e = E {
-            name,
-            path: self.path,
-            yes: false,
-            passed: Vec::new(),
-        };
-        e.visit_stmt(stmt);
-        if e.yes {
-            Escape::Yes
-        } else if e.passed.is_empty() {
-            Escape::No
-        } else {
-            Escape::Passed(e.passed)
-        }
-    }
-
-    /// Acquisitions made by an assignment: (variable, kind, qualified callee).
     fn acquisitions(&self, stmt: &Stmt) -> Vec<(String, ResourceKind, String)> {
         let (targets, value): (Vec<&Expr>, &Expr) = match stmt {
             Stmt::Assign(a) => (a.targets.iter().collect(), &a.value),
@@ -740,7 +290,8 @@ impl Walker<'_, '_> {
             None => return Vec::new(),
         };
         let by = q.unwrap_or_else(|| "accept".to_owned());
-        let tuple_result = is_accept || matches!(by.as_str(), "os.pipe" | "os.pipe2" | "os.openpty");
+        let tuple_result =
+            is_accept || matches!(by.as_str(), "os.pipe" | "os.pipe2" | "os.openpty");
         let mut out = Vec::new();
         for t in targets {
             match t {
@@ -835,8 +386,18 @@ impl Walker<'_, '_> {
                 let mut then_state = state.clone();
                 let mut else_state = state.clone();
                 if let Some((key, negated)) = self.lock_acquire(&i.test) {
-                    let target = if negated { &mut else_state } else { &mut then_state };
-                    self.open(target, key.clone(), ResourceKind::Lock, format!("{key}.acquire"), line);
+                    let target = if negated {
+                        &mut else_state
+                    } else {
+                        &mut then_state
+                    };
+                    self.open(
+                        target,
+                        key.clone(),
+                        ResourceKind::Lock,
+                        format!("{key}.acquire"),
+                        line,
+                    );
                 }
                 refine(&i.test, &mut then_state, &mut else_state);
                 let mut out = self.block(&i.body, then_state);
@@ -965,7 +526,13 @@ impl Walker<'_, '_> {
                     self.open(&mut state, var, kind, by, line);
                 }
                 if let Some((key, _)) = lock {
-                    self.open(&mut state, key.clone(), ResourceKind::Lock, format!("{key}.acquire"), line);
+                    self.open(
+                        &mut state,
+                        key.clone(),
+                        ResourceKind::Lock,
+                        format!("{key}.acquire"),
+                        line,
+                    );
                 }
                 Some(state)
             }
@@ -994,12 +561,11 @@ impl Walker<'_, '_> {
             .map(|s| self.lines.line(s.end().to_u32().saturating_sub(1)))
             .unwrap_or_else(|| self.line(stmt));
         let end = end.map(|mut s| {
-            let local: Vec<String> = s
-                .0
-                .iter()
-                .filter(|(_, o)| o.res >= first_res)
-                .map(|(k, _)| k.clone())
-                .collect();
+            let local: Vec<String> =
+                s.0.iter()
+                    .filter(|(_, o)| o.res >= first_res)
+                    .map(|(k, _)| k.clone())
+                    .collect();
             for k in local {
                 if let Some(o) = s.0.remove(&k) {
                     self.leak(o, ExitKind::NextIteration, last_line);
@@ -1117,27 +683,8 @@ impl Walker<'_, '_> {
             ResourceKind::Pool,
         ]
         .into_iter()
-        .any(|k| self.releases(s, key, k))
+        .any(|k| releases(s, key, k))
             || matches!(s, Stmt::With(w) if w.items.iter().any(|i| is_name(&i.context_expr, key)))
-    }
-}
-
-enum Escape {
-    Yes,
-    No,
-    Passed(Vec<(PathRef, usize)>),
-}
-
-/// A container or tuple literal holding the name: `(f, x)`, `[f]`, `{k: f}`.
-fn value_holds(e: &Expr, name: &str) -> bool {
-    match e {
-        Expr::Tuple(t) => t.elts.iter().any(|x| is_name(x, name) || value_holds(x, name)),
-        Expr::List(l) => l.elts.iter().any(|x| is_name(x, name) || value_holds(x, name)),
-        Expr::Set(s) => s.elts.iter().any(|x| is_name(x, name)),
-        Expr::Dict(d) => d.items.iter().any(|i| is_name(&i.value, name)),
-        Expr::If(i) => is_name(&i.body, name) || is_name(&i.orelse, name),
-        Expr::BoolOp(b) => b.values.iter().any(|x| is_name(x, name)),
-        _ => false,
     }
 }
 
@@ -1174,7 +721,9 @@ fn refine(test: &Expr, then_state: &mut State, else_state: &mut State) {
                 then_state.0.remove(n.id.as_str());
             }
         }
-        Expr::Compare(c) if c.ops.len() == 1 && matches!(c.comparators[0], Expr::NoneLiteral(_)) => {
+        Expr::Compare(c)
+            if c.ops.len() == 1 && matches!(c.comparators[0], Expr::NoneLiteral(_)) =>
+        {
             if let Expr::Name(n) = &*c.left {
                 match c.ops[0] {
                     ast::CmpOp::Is | ast::CmpOp::Eq => {
@@ -1188,22 +737,5 @@ fn refine(test: &Expr, then_state: &mut State, else_state: &mut State) {
             }
         }
         _ => {}
-    }
-}
-
-/// Visits a statement, but for compound statements only their header
-/// expressions: nested blocks are walked by the path walker itself.
-fn header_walk<'a, V: Visitor<'a>>(v: &mut V, stmt: &'a Stmt) {
-    match stmt {
-        Stmt::If(i) => v.visit_expr(&i.test),
-        Stmt::While(w) => v.visit_expr(&w.test),
-        Stmt::For(f) => v.visit_expr(&f.iter),
-        Stmt::With(w) => {
-            for it in &w.items {
-                v.visit_expr(&it.context_expr);
-            }
-        }
-        Stmt::Try(_) | Stmt::Match(_) => {}
-        _ => visitor::walk_stmt(v, stmt),
     }
 }
