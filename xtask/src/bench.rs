@@ -77,7 +77,10 @@ fn analyze(args: &BenchArgs) -> anyhow::Result<()> {
         .output()
         .context("run pymedic analyze --graph json")?;
     if !graph.status.success() {
-        bail!("pymedic analyze failed: {}", String::from_utf8_lossy(&graph.stderr));
+        bail!(
+            "pymedic analyze failed: {}",
+            String::from_utf8_lossy(&graph.stderr)
+        );
     }
     let graph: serde_json::Value = serde_json::from_slice(&graph.stdout)?;
     let files: Vec<&str> = graph["modules"]
@@ -94,10 +97,15 @@ fn analyze(args: &BenchArgs) -> anyhow::Result<()> {
     let mut findings = 0usize;
     for _ in 0..args.runs.max(1) {
         let t = Instant::now();
-        let out = Command::new(&bin).args(["analyze", tree, "--json"]).output()?;
+        let out = Command::new(&bin)
+            .args(["analyze", tree, "--json"])
+            .output()?;
         let d = t.elapsed().as_secs_f64();
         if !out.status.success() {
-            bail!("pymedic analyze failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "pymedic analyze failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         lines = v["lines"].as_u64().unwrap_or(0);
@@ -109,8 +117,16 @@ fn analyze(args: &BenchArgs) -> anyhow::Result<()> {
 
     let rate = lines as f64 / best;
     let ratio = py / best;
-    println!("tree:     {} ({} files, {} lines)", args.tree.display(), files.len(), lines);
-    println!("pymedic:  {best:.3} s  parse + analyse ({findings} findings), {:.0} lines/s", rate);
+    println!(
+        "tree:     {} ({} files, {} lines)",
+        args.tree.display(),
+        files.len(),
+        lines
+    );
+    println!(
+        "pymedic:  {best:.3} s  parse + analyse ({findings} findings), {:.0} lines/s",
+        rate
+    );
     println!(
         "baseline: {py:.3} s  {} ast.parse of the same files, {:.0} lines/s",
         args.python.display(),

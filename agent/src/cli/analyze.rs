@@ -47,7 +47,7 @@ pub enum GraphFormat {
 }
 
 fn progress(done: usize, total: usize) {
-    if total >= 500 && (done % 250 == 0 || done == total) {
+    if total >= 500 && (done.is_multiple_of(250) || done == total) {
         eprint!("\rpymedic: parsed {done}/{total} files");
         if done == total {
             eprintln!();
@@ -58,7 +58,9 @@ fn progress(done: usize, total: usize) {
 pub fn run(args: AnalyzeArgs) -> anyhow::Result<ExitCode> {
     let opts = Options {
         threads: args.threads,
-        progress: std::io::stderr().is_terminal().then_some(progress as fn(usize, usize)),
+        progress: std::io::stderr()
+            .is_terminal()
+            .then_some(progress as fn(usize, usize)),
     };
     let analysis = pymedic_analyze::analyze(&args.path, &opts)
         .with_context(|| format!("analyze {}", args.path.display()))?;
@@ -77,7 +79,12 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<ExitCode> {
             }
             println!("transitive dependents: {}", impact.transitive.len());
             for d in &impact.transitive {
-                println!("  {} via {} (depth {})", d.module, d.via.join(" → "), d.depth);
+                println!(
+                    "  {} via {} (depth {})",
+                    d.module,
+                    d.via.join(" → "),
+                    d.depth
+                );
             }
         }
         return Ok(ExitCode::SUCCESS);
@@ -129,12 +136,18 @@ fn print_table(analysis: &Analysis, findings: &[&Finding]) {
                 what.push_str(&format!("\n  {}:{} {}", r.file, r.line, r.role));
             }
             if f.related.len() > 6 {
-                what.push_str(&format!("\n  … {} more sites (--json)", f.related.len() - 6));
+                what.push_str(&format!(
+                    "\n  … {} more sites (--json)",
+                    f.related.len() - 6
+                ));
             }
             table.add_row([
                 f.severity.to_string(),
                 f.kind.to_string(),
-                format!("{}:{}\n{}", f.location.file, f.location.line, f.location.function),
+                format!(
+                    "{}:{}\n{}",
+                    f.location.file, f.location.line, f.location.function
+                ),
                 what,
                 f.id.to_string(),
             ]);

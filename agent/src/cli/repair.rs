@@ -125,7 +125,11 @@ pub fn run(args: RepairArgs) -> anyhow::Result<ExitCode> {
             if json {
                 super::print_json(&done)?;
             } else {
-                println!("rolled back plan {}: restored {}", done.plan, done.files.join(", "));
+                println!(
+                    "rolled back plan {}: restored {}",
+                    done.plan,
+                    done.files.join(", ")
+                );
                 if let Some(c) = &done.commit {
                     println!("committed {c}");
                 }
@@ -157,7 +161,10 @@ pub fn run(args: RepairArgs) -> anyhow::Result<ExitCode> {
                         format!("{} {}", e.kind, e.finding),
                         format!("{}@{} (uid {})", e.who.user, e.who.host, e.who.uid),
                         e.why.clone(),
-                        e.commit.as_deref().map(|c| c[..c.len().min(12)].to_owned()).unwrap_or_default(),
+                        e.commit
+                            .as_deref()
+                            .map(|c| c[..c.len().min(12)].to_owned())
+                            .unwrap_or_default(),
                     ]);
                 }
                 println!("{table}");
@@ -174,7 +181,11 @@ fn report_recovery(repo: &std::path::Path) -> anyhow::Result<()> {
             r.op,
             r.plan,
             r.state,
-            if r.completed { "completed" } else { "rolled back" },
+            if r.completed {
+                "completed"
+            } else {
+                "rolled back"
+            },
             if r.restored.is_empty() {
                 "no file needed restoring".to_owned()
             } else {
@@ -186,7 +197,10 @@ fn report_recovery(repo: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn print_plan(plan: &Plan) {
-    println!("plan {} for {} {}", plan.id, plan.finding.kind, plan.finding.id);
+    println!(
+        "plan {} for {} {}",
+        plan.id, plan.finding.kind, plan.finding.id
+    );
     println!("  {}", plan.finding.title);
     println!("strategy: {}", plan.strategy);
     println!("rationale: {}", plan.rationale);

@@ -270,6 +270,7 @@ impl Walker<'_, '_> {
         }
     }
 
+    /// Acquisitions made by an assignment: (variable, kind, qualified callee).
     fn acquisitions(&self, stmt: &Stmt) -> Vec<(String, ResourceKind, String)> {
         let (targets, value): (Vec<&Expr>, &Expr) = match stmt {
             Stmt::Assign(a) => (a.targets.iter().collect(), &a.value),

@@ -302,8 +302,6 @@ pub(super) fn escape(stmt: &Stmt, name: &str, path: &dyn Fn(&Expr) -> Option<Pat
     }
 }
 
-/// Acquisitions made by an assignment: (variable, kind, qualified callee).
-
 /// The names a function closes, stores, returns or hands on (one pass; a
 /// parameter in this set is "consumed").
 pub fn consumed_names(body: &[Stmt]) -> BTreeSet<String> {
