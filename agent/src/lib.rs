@@ -6,5 +6,7 @@
 pub mod bpf;
 pub mod cgroup;
 pub mod cli;
+pub mod deadlock;
 pub mod discovery;
+pub mod dump;
 pub mod procinfo;

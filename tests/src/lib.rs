@@ -157,6 +157,9 @@ pub struct PyProc {
     child: Child,
     lines: mpsc::Receiver<String>,
     pub python: Python,
+    /// The `READY...` line the script printed (scripts may report values
+    /// on it).
+    pub ready: String,
 }
 
 impl PyProc {
@@ -185,8 +188,9 @@ impl PyProc {
             child,
             lines: rx,
             python: python.clone(),
+            ready: String::new(),
         };
-        p.wait_for_line("READY", Duration::from_secs(20));
+        p.ready = p.wait_for_line("READY", Duration::from_secs(20));
         p
     }
 

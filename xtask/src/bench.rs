@@ -1,159 +1,200 @@
-//! `cargo xtask bench <name>`: benchmarks that print ratios against a
-//! baseline measured in the same run.
-//!
-//! * `analyze`: `pymedic analyze` (parse + every whole-program pass) over
-//!   the standard library of Debian's python3.11 against parsing the same
-//!   files with Python's own `ast` module. Goal: ≥ 10× faster and
-//!   ≥ 200k lines/s.
+//! `cargo xtask bench dump`: latency of `pymedic dump --json` on a
+//! 50-thread process with ~30-frame stacks, against `py-spy dump --json`
+//! (PyPI, from target/venv) on the same process in the same run, plus the
+//! share of pymedic's time spent on the deadlock verdict (lock
+//! identification, holder inference, analysis). Release build.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Instant;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use clap::Args;
+use clap::{Args, ValueEnum};
 
-use crate::cmd;
+use crate::cmd::{self, workspace_root};
+use crate::setup;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Which benchmark: analyze.
-    pub name: String,
+    /// Which benchmark.
+    what: Which,
+    /// Runs of each command (the median is reported).
+    #[arg(long, default_value_t = 21)]
+    runs: usize,
+    /// Interpreter to run the target with (default: pyenv's newest 3.8–3.13,
+    /// else python3); for `analyze`, the interpreter whose `ast` module is
+    /// the baseline (default: Debian's /usr/bin/python3.11).
+    #[arg(long)]
+    python: Option<PathBuf>,
     /// Source tree for `analyze` (default: Debian's python3.11 standard library).
     #[arg(long, default_value = "/usr/lib/python3.11")]
-    pub tree: PathBuf,
-    /// Interpreter whose `ast` module is the baseline.
-    #[arg(long, default_value = "/usr/bin/python3.11")]
-    pub python: PathBuf,
-    /// Runs of each side; the best is reported.
-    #[arg(long, default_value_t = 3)]
-    pub runs: u32,
+    tree: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Which {
+    /// `pymedic dump --json` vs `py-spy dump --json`.
+    Dump,
+    /// `pymedic analyze` vs Python's `ast.parse` on the same files.
+    Analyze,
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    match args.name.as_str() {
-        "analyze" => analyze(&args),
-        other => bail!("no benchmark {other:?}: available: analyze"),
+    match args.what {
+        Which::Dump => dump(&args),
+        // Each run parses ~300k lines on both sides: a few runs suffice.
+        Which::Analyze => crate::bench_analyze::analyze(
+            &args.tree,
+            args.python
+                .as_deref()
+                .unwrap_or(std::path::Path::new("/usr/bin/python3.11")),
+            args.runs.min(5) as u32,
+        ),
     }
 }
 
-const AST_BASELINE: &str = r#"
-import ast, sys, time
-root, listing, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-files = [root + "/" + l for l in open(listing).read().splitlines() if l]
-best = None
-for _ in range(runs):
-    t = time.perf_counter()
-    for f in files:
-        with open(f, "rb") as fh:
-            src = fh.read()
-        try:
-            ast.parse(src, f)
-        except (SyntaxError, ValueError):
-            pass
-    d = time.perf_counter() - t
-    best = d if best is None else min(best, d)
-print(best)
-"#;
-
-fn analyze(args: &BenchArgs) -> anyhow::Result<()> {
-    if !args.tree.is_dir() {
-        bail!(
-            "{} does not exist: install Debian's python3.11 (`apt-get install python3.11`) or pass --tree",
-            args.tree.display()
-        );
-    }
-    if !args.python.exists() {
-        bail!("{} does not exist: pass --python", args.python.display());
-    }
-    println!("xtask bench analyze: building pymedic (release)");
-    cmd::run(cmd::cargo().args(["build", "--release", "--quiet", "-p", "pymedic"]))?;
-    let bin = cmd::workspace_root().join("target/release/pymedic");
-    let tree = args.tree.to_str().context("tree path is not UTF-8")?;
-
-    // The exact files pymedic analyses, for the baseline.
-    let graph = Command::new(&bin)
-        .args(["analyze", tree, "--graph", "json"])
-        .output()
-        .context("run pymedic analyze --graph json")?;
-    if !graph.status.success() {
-        bail!(
-            "pymedic analyze failed: {}",
-            String::from_utf8_lossy(&graph.stderr)
-        );
-    }
-    let graph: serde_json::Value = serde_json::from_slice(&graph.stdout)?;
-    let files: Vec<&str> = graph["modules"]
-        .as_array()
-        .context("graph has modules")?
-        .iter()
-        .filter_map(|m| m["file"].as_str())
+fn default_python() -> PathBuf {
+    let root = PathBuf::from("/root/.pyenv/versions");
+    let mut found: Vec<(u8, PathBuf)> = std::fs::read_dir(&root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let minor: u8 = name.strip_prefix("3.")?.split('.').next()?.parse().ok()?;
+            let exe = e.path().join(format!("bin/python3.{minor}"));
+            ((8..=13).contains(&minor) && exe.exists()).then_some((minor, exe))
+        })
         .collect();
-    let listing = std::env::temp_dir().join(format!("pymedic-bench-files-{}", std::process::id()));
-    std::fs::write(&listing, files.join("\n"))?;
-
-    let mut best = f64::MAX;
-    let mut lines = 0u64;
-    let mut findings = 0usize;
-    for _ in 0..args.runs.max(1) {
-        let t = Instant::now();
-        let out = Command::new(&bin)
-            .args(["analyze", tree, "--json"])
-            .output()?;
-        let d = t.elapsed().as_secs_f64();
-        if !out.status.success() {
-            bail!(
-                "pymedic analyze failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        lines = v["lines"].as_u64().unwrap_or(0);
-        findings = v["findings"].as_array().map_or(0, Vec::len);
-        best = best.min(d);
-    }
-    let py = python_ast(&args.python, &args.tree, &listing, args.runs)?;
-    let _ = std::fs::remove_file(&listing);
-
-    let rate = lines as f64 / best;
-    let ratio = py / best;
-    println!(
-        "tree:     {} ({} files, {} lines)",
-        args.tree.display(),
-        files.len(),
-        lines
-    );
-    println!(
-        "pymedic:  {best:.3} s  parse + analyse ({findings} findings), {:.0} lines/s",
-        rate
-    );
-    println!(
-        "baseline: {py:.3} s  {} ast.parse of the same files, {:.0} lines/s",
-        args.python.display(),
-        lines as f64 / py
-    );
-    println!("ratio:    {ratio:.1}× faster than ast.parse");
-    let met = ratio >= 10.0 && rate >= 200_000.0;
-    println!(
-        "goal (≥ 10× and ≥ 200k lines/s): {}",
-        if met { "met" } else { "NOT met" }
-    );
-    Ok(())
+    found.sort();
+    found
+        .pop()
+        .map(|(_, p)| p)
+        .unwrap_or_else(|| PathBuf::from("python3"))
 }
 
-fn python_ast(python: &Path, tree: &Path, listing: &Path, runs: u32) -> anyhow::Result<f64> {
-    let out = Command::new(python)
-        .args(["-c", AST_BASELINE])
-        .arg(tree)
-        .arg(listing)
-        .arg(runs.max(1).to_string())
-        .output()
-        .with_context(|| format!("run {}", python.display()))?;
-    if !out.status.success() {
-        bail!("baseline failed: {}", String::from_utf8_lossy(&out.stderr));
+/// Wall time of one successful run of `c` (stdout discarded). Failed runs
+/// are retried a few times (py-spy sometimes fails to probe the version of
+/// a process) and not timed.
+fn time_once(c: &mut Command) -> anyhow::Result<Duration> {
+    let mut last = String::new();
+    for _ in 0..5 {
+        let start = Instant::now();
+        let out = c.stdout(Stdio::null()).stderr(Stdio::piped()).output()?;
+        let took = start.elapsed();
+        if out.status.success() {
+            return Ok(took);
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
     }
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .context("baseline output")
+    bail!("{c:?} failed 5 times: {last}")
+}
+
+/// Runs the commands interleaved (rotating the order each round, so load
+/// from other processes hits all alike) and returns each one's median.
+fn interleaved(
+    runs: usize,
+    cmds: &mut [Box<dyn FnMut() -> Command + '_>],
+) -> anyhow::Result<Vec<Duration>> {
+    let n = cmds.len();
+    let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(runs); n];
+    for round in 0..runs {
+        for k in 0..n {
+            let i = (round + k) % n;
+            let mut c = (cmds[i])();
+            times[i].push(time_once(&mut c)?);
+        }
+    }
+    Ok(times
+        .into_iter()
+        .map(|mut t| {
+            t.sort();
+            t[t.len() / 2]
+        })
+        .collect())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn dump(args: &BenchArgs) -> anyhow::Result<()> {
+    setup::setup_quiet()?;
+    println!("bench dump: building pymedic (release)");
+    cmd::run(cmd::cargo().args(["build", "--release", "--quiet", "-p", "pymedic"]))?;
+    let pymedic = workspace_root().join("target/release/pymedic");
+    let py_spy = setup::venv_dir().join("bin/py-spy");
+    if !py_spy.exists() {
+        bail!("{} missing: run `cargo xtask setup`", py_spy.display());
+    }
+    let python = args.python.clone().unwrap_or_else(default_python);
+    let script = workspace_root().join("tests/scripts/bench/threads_50.py");
+    let mut child = Command::new(&python)
+        .arg("-u")
+        .arg(&script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("start {}", python.display()))?;
+    let pid = child.id();
+    let ready = BufReader::new(child.stdout.take().expect("piped"))
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.starts_with("READY"));
+    let result = (|| -> anyhow::Result<()> {
+        if !ready {
+            bail!("{} did not start the benchmark target", python.display());
+        }
+        let pid_s = pid.to_string();
+        let version =
+            cmd::output(python.to_str().unwrap_or("python3"), &["--version"]).unwrap_or_default();
+        println!(
+            "bench dump: target pid {pid} ({}), 50 threads x ~30 frames; {} runs each, medians",
+            version.trim(),
+            args.runs
+        );
+        // Warm both (page cache, py-spy's version probe).
+        let _ = Command::new(&pymedic)
+            .args(["dump", "--json", &pid_s])
+            .output();
+        let _ = Command::new(&py_spy)
+            .args(["dump", "--json", "--pid", &pid_s])
+            .output();
+        let mut cmds: Vec<Box<dyn FnMut() -> Command + '_>> = vec![
+            Box::new(|| {
+                let mut c = Command::new(&py_spy);
+                c.args(["dump", "--json", "--pid", &pid_s]);
+                c
+            }),
+            Box::new(|| {
+                let mut c = Command::new(&pymedic);
+                c.args(["dump", "--json", &pid_s]);
+                c
+            }),
+            Box::new(|| {
+                let mut c = Command::new(&pymedic);
+                c.args(["dump", "--json", "--no-verdicts", &pid_s]);
+                c
+            }),
+        ];
+        let medians = interleaved(args.runs, &mut cmds)?;
+        let (py_spy_t, full, bare) = (medians[0], medians[1], medians[2]);
+        let verdict = full.saturating_sub(bare);
+        println!("  py-spy dump --json             {:8.2} ms", ms(py_spy_t));
+        println!("  pymedic dump --json            {:8.2} ms", ms(full));
+        println!(
+            "    of which the deadlock verdict {:7.2} ms ({:.1}% over the bare dump of {:.2} ms)",
+            ms(verdict),
+            100.0 * verdict.as_secs_f64() / bare.as_secs_f64().max(1e-9),
+            ms(bare)
+        );
+        println!(
+            "  ratio pymedic / py-spy         {:8.2}  (goal: <= 1.00; verdict goal: < 20%)",
+            full.as_secs_f64() / py_spy_t.as_secs_f64().max(1e-9)
+        );
+        Ok(())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
 }

@@ -5,9 +5,12 @@
 //! * `test`   — setup, then every test (unit, integration, privileged eBPF).
 //! * `bench`  — benchmarks that print ratios against a baseline measured in
 //!   the same run.
+//! * `codegen` — regenerate committed generated code (CPython layouts).
 
 mod bench;
+mod bench_analyze;
 mod cmd;
+mod codegen;
 mod setup;
 mod test;
 
@@ -35,8 +38,11 @@ enum Task {
     },
     /// Set up, then run every test, including the privileged eBPF ones.
     Test(test::TestArgs),
-    /// Benchmarks against a baseline measured in the same run: `analyze`.
+    /// Benchmarks against a baseline measured in the same run:
+    /// `cargo xtask bench dump|analyze`.
     Bench(bench::BenchArgs),
+    /// Regenerate committed generated code: `cargo xtask codegen layouts [--check]`.
+    Codegen(codegen::CodegenArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +51,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup().map(|_| ()),
         Task::Run { args } => run(args),
         Task::Test(args) => test::test(args),
+        Task::Codegen(args) => codegen::codegen(args),
         Task::Bench(args) => bench::bench(args),
     };
     match result {

@@ -23,6 +23,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("python3-venv", "the test tools' virtualenv"),
     ("python3-dev", "headers for Python test dependencies"),
+    (
+        "libunwind-dev",
+        "`pymedic dump --native` unwinds native stacks with libunwind-ptrace",
+    ),
+    (
+        "build-essential",
+        "a C compiler for `cargo xtask codegen layouts`",
+    ),
 ];
 
 /// The virtualenv holding Python tools the tests and benchmarks run

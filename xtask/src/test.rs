@@ -62,6 +62,10 @@ pub fn test(args: TestArgs) -> anyhow::Result<()> {
                 .args(["--", "-D", "warnings"]),
         )?;
     }
+    if !args.no_lint {
+        println!("xtask test: generated CPython layouts match the headers");
+        crate::codegen::check_layouts()?;
+    }
     println!("xtask test: building pymedic");
     cmd::run(cmd::cargo().args(["build", "--quiet", "-p", "pymedic"]))?;
     let bin = workspace_root().join("target/debug/pymedic");

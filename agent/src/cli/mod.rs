@@ -3,6 +3,7 @@
 //! with `--json`, per INTERFACE.md.
 
 mod analyze;
+pub mod dump;
 mod ps;
 mod repair;
 
@@ -27,6 +28,9 @@ pub struct Cli {
 pub enum Command {
     /// List the Python processes on this host (or watch them come and go).
     Ps(ps::PsArgs),
+    /// Every thread's Python stack now, with names, GIL, what each waits
+    /// for, and deadlock verdicts.
+    Dump(dump::DumpArgs),
     /// Static analysis of a Python source tree: import graph, impact, lock
     /// order, resource leaks, blocking calls in coroutines, unbounded containers.
     Analyze(analyze::AnalyzeArgs),
@@ -38,6 +42,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Ps(args) => ps::run(args),
+        Command::Dump(args) => dump::run(args),
         Command::Analyze(args) => analyze::run(args),
         Command::Repair(args) => repair::run(args),
     }
@@ -77,6 +82,13 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
             return match e {
                 InspectError::PermissionDenied { .. } => 77,
                 _ => 2,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<crate::dump::DumpError>() {
+            return match e {
+                e if e.is_permission() => 77,
+                crate::dump::DumpError::Inspect(_) | crate::dump::DumpError::Exited { .. } => 2,
+                _ => 1,
             };
         }
         if let Some(e) = cause.downcast_ref::<crate::bpf::BpfError>()

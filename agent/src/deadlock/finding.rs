@@ -1,0 +1,79 @@
+//! A [`Deadlock`] as a `deadlock` [`Finding`] (INTERFACE.md): located at the
+//! first waiting site, with every wait and acquisition site as `related`,
+//! the threads' stacks, and the lock identities as evidence.
+
+use pymedic_model::{Finding, Kind, Layer, Related, Severity, Stack, Target};
+use serde_json::json;
+
+use super::Deadlock;
+
+/// Converts a verdict about `target` into a finding.
+pub fn to_finding(d: &Deadlock, target: &Target) -> Finding {
+    let first = &d.threads[0];
+    let title = if d.kind == "self" {
+        format!(
+            "Thread {} deadlocked on itself: re-acquires {} at {}",
+            first.name, first.waiting_for.lock.name, first.waiting_at
+        )
+    } else {
+        let names: Vec<&str> = d.threads.iter().map(|t| t.name.as_str()).collect();
+        let locks: Vec<&str> = d
+            .threads
+            .iter()
+            .map(|t| t.waiting_for.lock.name.as_str())
+            .collect();
+        format!(
+            "{} threads deadlocked ({}) over {}",
+            d.threads.len(),
+            names.join(", "),
+            locks.join(", ")
+        )
+    };
+    let mut f = Finding::new(
+        Layer::Temporal,
+        Kind::DEADLOCK,
+        Severity::Critical,
+        d.confidence,
+        title,
+        Some(target.clone()),
+        first.waiting_at.clone(),
+    );
+    let key: Vec<String> = super::key(d)
+        .into_iter()
+        .map(|(tid, lock)| format!("{tid}:{lock}"))
+        .collect();
+    f = f.with_discriminator(&key.join(","));
+    for t in &d.threads {
+        f.related.push(Related::new(
+            &t.waiting_at,
+            format!(
+                "thread {} ({}) waits for {} held by {}",
+                t.name, t.tid, t.waiting_for.lock.name, t.waiting_for.holder_tid
+            ),
+        ));
+        for h in &t.holds {
+            f.related.push(Related::new(
+                &h.acquired_at,
+                format!("thread {} ({}) holds {}", t.name, t.tid, h.lock.name),
+            ));
+        }
+        f.stacks.push(Stack {
+            thread: t.name.clone(),
+            tid: t.tid,
+            frames: t.stack.clone(),
+        });
+    }
+    f.evidence = json!({
+        "summary": d.summary,
+        "kind": d.kind,
+        "confirmed": d.confirmed,
+        "threads": d.threads.iter().map(|t| json!({
+            "tid": t.tid,
+            "name": t.name,
+            "waiting_for": t.waiting_for.lock,
+            "holder_tid": t.waiting_for.holder_tid,
+            "holds": t.holds.iter().map(|h| json!({"lock": h.lock, "evidence": h.evidence})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    });
+    f
+}
