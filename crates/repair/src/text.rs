@@ -366,3 +366,68 @@ pub fn parse_error(text: &str) -> Option<String> {
         format!("line {line}: {}", e.error)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reindent_adds_and_removes_units_and_keeps_blank_lines() {
+        let block = "a = 1\n\n    b = 2\n";
+        assert_eq!(
+            reindent(block, 1, "    ").unwrap(),
+            "    a = 1\n\n        b = 2\n"
+        );
+        assert_eq!(
+            reindent("    x\n        y\n", -1, "    ").unwrap(),
+            "x\n    y\n"
+        );
+        assert!(reindent("x\n", -1, "    ").is_err());
+    }
+
+    #[test]
+    fn edits_apply_back_to_front_and_refuse_overlaps() {
+        let mut e = Edits::default();
+        e.replace(0, 1, "A");
+        e.insert(3, "!");
+        assert_eq!(e.apply("abcd").unwrap(), "Abc!d");
+        let mut e = Edits::default();
+        e.replace(0, 3, "x");
+        e.replace(2, 4, "y");
+        assert!(e.apply("abcd").is_err());
+    }
+
+    #[test]
+    fn finds_functions_statements_and_adds_imports() {
+        let src = Source::new(
+            "\"\"\"doc\"\"\"\nimport os\n\nclass A:\n    def m(self):\n        def inner():\n            x = 1\n        return 2\n"
+                .to_owned(),
+        );
+        let f = find_function(src.body(), "A.m.<locals>.inner").unwrap();
+        assert_eq!(src.line(f), 6);
+        let m = find_function(src.body(), "A.m").unwrap();
+        let (suite, i) = find_stmt(&m.body, &|s| matches!(s, Stmt::Return(_))).unwrap();
+        assert_eq!(src.line(&suite[i]), 8);
+        assert_eq!(src.indent_unit(), "    ");
+        assert!(imports_module(&src, "os") && !imports_module(&src, "asyncio"));
+        let mut e = Edits::default();
+        ensure_import(&src, &mut e, "import asyncio", false);
+        let out = e.apply(&src.text).unwrap();
+        assert!(
+            out.starts_with("\"\"\"doc\"\"\"\nimport os\nimport asyncio\n"),
+            "{out}"
+        );
+        assert!(parse_error(&out).is_none());
+        assert!(parse_error("def f(:\n").is_some());
+    }
+
+    #[test]
+    fn multi_line_strings_are_protected() {
+        let src = Source::new("def f():\n    s = \"\"\"a\nb\n\"\"\"\n    return s\n".to_owned());
+        let lines = src.string_continuation_lines();
+        assert!(
+            lines.contains(&3) && lines.contains(&4) && !lines.contains(&5),
+            "{lines:?}"
+        );
+    }
+}
