@@ -2,7 +2,7 @@
 //! function the lock acquisitions (with what is held), calls, container
 //! operations and resource leaks.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use ruff_python_ast::visitor::Visitor;
 use ruff_python_ast::{self as ast, Expr, Stmt};
@@ -399,15 +399,12 @@ impl FileCx<'_> {
             walker.visit_stmt(stmt);
         }
 
-        let consumed = if params.is_empty() {
-            BTreeSet::new()
+        let names: Vec<&str> = params.iter().map(|p| p.name.id.as_str()).collect();
+        let consumes = if names.is_empty() {
+            Vec::new()
         } else {
-            leaks::consumed_names(&f.body)
+            leaks::consumed_params(&f.body, &names)
         };
-        let consumes = params
-            .iter()
-            .map(|p| consumed.contains(p.name.id.as_str()))
-            .collect();
         self.facts.functions[idx].consumes = consumes;
         let qualify = |e: &Expr| self.qualify(e, &env);
         let path = |e: &Expr| env.path(e);

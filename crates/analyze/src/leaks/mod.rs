@@ -23,7 +23,7 @@ use crate::source::LineIndex;
 mod ownership;
 mod syntax;
 
-pub use ownership::consumed_names;
+pub use ownership::consumed_params;
 use ownership::{Escape, escape, releases};
 use syntax::*;
 pub use syntax::{acquisition, release_text};

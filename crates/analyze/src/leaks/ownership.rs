@@ -1,8 +1,6 @@
 //! Who owns a resource: the calls and statements that close it, keep it
 //! (store, return, hand to a thread or a wrapper) or only use it.
 
-use std::collections::BTreeSet;
-
 use ruff_python_ast::visitor::{self, Visitor};
 use ruff_python_ast::{Expr, Stmt};
 
@@ -302,36 +300,46 @@ pub(super) fn escape(stmt: &Stmt, name: &str, path: &dyn Fn(&Expr) -> Option<Pat
     }
 }
 
-/// The names a function closes, stores, returns or hands on (one pass; a
-/// parameter in this set is "consumed").
-pub fn consumed_names(body: &[Stmt]) -> BTreeSet<String> {
-    struct C(BTreeSet<String>);
-    fn names(e: &Expr, out: &mut BTreeSet<String>) {
-        struct N<'o>(&'o mut BTreeSet<String>);
-        impl<'a> Visitor<'a> for N<'_> {
-            fn visit_expr(&mut self, e: &'a Expr) {
-                if let Expr::Name(n) = e {
-                    self.0.insert(n.id.to_string());
-                }
-                visitor::walk_expr(self, e);
+/// Which of `params` the function closes, stores, returns or hands on (one
+/// pass over the body).
+pub fn consumed_params(body: &[Stmt], params: &[&str]) -> Vec<bool> {
+    struct C<'w> {
+        want: &'w [&'w str],
+        hit: Vec<bool>,
+    }
+    impl C<'_> {
+        fn mark(&mut self, n: &str) {
+            if let Some(i) = self.want.iter().position(|w| *w == n) {
+                self.hit[i] = true;
             }
         }
-        N(out).visit_expr(e);
+        fn names(&mut self, e: &Expr) {
+            struct N<'c, 'w>(&'c mut C<'w>);
+            impl<'a> Visitor<'a> for N<'_, '_> {
+                fn visit_expr(&mut self, e: &'a Expr) {
+                    if let Expr::Name(n) = e {
+                        self.0.mark(n.id.as_str());
+                    }
+                    visitor::walk_expr(self, e);
+                }
+            }
+            N(self).visit_expr(e);
+        }
     }
-    impl<'a> Visitor<'a> for C {
+    impl<'a> Visitor<'a> for C<'_> {
         fn visit_stmt(&mut self, stmt: &'a Stmt) {
             match stmt {
                 Stmt::Return(r) => {
                     if let Some(v) = &r.value {
-                        names(v, &mut self.0);
+                        self.names(v);
                     }
                 }
                 Stmt::Assign(a) if a.targets.iter().any(|t| !matches!(t, Expr::Name(_))) => {
-                    names(&a.value, &mut self.0);
+                    self.names(&a.value);
                 }
                 Stmt::With(w) => {
                     for i in &w.items {
-                        names(&i.context_expr, &mut self.0);
+                        self.names(&i.context_expr);
                     }
                 }
                 _ => {}
@@ -348,7 +356,7 @@ pub fn consumed_names(body: &[Stmt]) -> BTreeSet<String> {
                             "close" | "release" | "wait" | "communicate" | "shutdown" | "detach"
                         )
                     {
-                        self.0.insert(n.id.to_string());
+                        self.mark(n.id.as_str());
                     }
                     let last = callee_last(&c.func);
                     if last == "close" || TAKES_OWNERSHIP.contains(&last) {
@@ -359,27 +367,30 @@ pub fn consumed_names(body: &[Stmt]) -> BTreeSet<String> {
                             .chain(c.arguments.keywords.iter().map(|k| &k.value))
                         {
                             if let Expr::Name(n) = a {
-                                self.0.insert(n.id.to_string());
+                                self.mark(n.id.as_str());
                             }
                         }
                     }
                 }
                 Expr::Yield(y) => {
                     if let Some(v) = &y.value {
-                        names(v, &mut self.0);
+                        self.names(v);
                     }
                 }
-                Expr::Lambda(l) => names(&l.body, &mut self.0),
+                Expr::Lambda(l) => self.names(&l.body),
                 _ => {}
             }
             visitor::walk_expr(self, expr);
         }
     }
-    let mut c = C(BTreeSet::new());
+    let mut c = C {
+        want: params,
+        hit: vec![false; params.len()],
+    };
     for s in body {
         c.visit_stmt(s);
     }
-    c.0
+    c.hit
 }
 
 pub(super) enum Escape {
