@@ -15,7 +15,8 @@
 //!
 //! Which static kinds explain which runtime kinds: `fd_leak`, `resource_leak`,
 //! `thread_leak` ← `fd_leak`/`resource_leak`; `deadlock`,
-//! `lock_order_inversion`, `lock_contention`, `hang` ← `lock_order_inversion`;
+//! `lock_order_inversion`, `lock_contention`, `hang` ← `lock_order_inversion`
+//! and `deadlock` (a non-reentrant lock re-taken while held);
 //! `blocked_event_loop` ← `blocked_event_loop`; `memory_leak` ← `memory_leak`.
 //! Analyses are cached per project directory.
 
@@ -66,7 +67,7 @@ impl Enricher {
         let wanted: &[Kind] = match finding.kind.as_str() {
             "fd_leak" | "resource_leak" | "thread_leak" => &[Kind::FD_LEAK, Kind::RESOURCE_LEAK],
             "deadlock" | "lock_order_inversion" | "lock_contention" | "hang" => {
-                &[Kind::LOCK_ORDER_INVERSION]
+                &[Kind::LOCK_ORDER_INVERSION, Kind::DEADLOCK]
             }
             "blocked_event_loop" => &[Kind::BLOCKED_EVENT_LOOP],
             "memory_leak" => &[Kind::MEMORY_LEAK],
@@ -191,7 +192,7 @@ fn score(f: &Finding, runtime: &[(String, String, u32)]) -> Option<u32> {
     }
     // A file-only match is enough for leaks and containers, not for locks.
     match best {
-        Some(1) if f.kind == Kind::LOCK_ORDER_INVERSION => None,
+        Some(1) if f.kind == Kind::LOCK_ORDER_INVERSION || f.kind == Kind::DEADLOCK => None,
         b => b,
     }
 }

@@ -27,6 +27,8 @@ pub struct Lock {
     pub flavor: LockFlavor,
     /// Identified by its name only (`self.lock` of unknown type).
     pub guessed: bool,
+    /// A module global (one object for the whole process).
+    pub global: bool,
 }
 
 /// Where a lock is taken (function and line).
@@ -52,6 +54,18 @@ pub struct EdgeSite {
 pub struct LockGraph {
     pub locks: BTreeMap<String, Lock>,
     pub edges: BTreeMap<(String, String), Vec<EdgeSite>>,
+    /// A lock taken again while held: by the same thread on the same
+    /// object (self-deadlock of a non-reentrant lock), or two objects of
+    /// the same lock attribute nested in an order set by the caller.
+    pub reentries: Vec<Reentry>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Reentry {
+    pub lock: String,
+    pub site: EdgeSite,
+    /// Two different objects (`a.lock`, `b.lock`) rather than the same one.
+    pub two_objects: bool,
 }
 
 const MAX_SITES: usize = 16;
@@ -82,6 +96,7 @@ pub fn resolve_lock(
             name: p.place_name(&place),
             flavor: fl,
             guessed: false,
+            global: matches!(place, Place::Global(..)),
         }),
         (Some(fl), None) => Some(Lock {
             name: format!(
@@ -90,6 +105,7 @@ pub fn resolve_lock(
             ),
             flavor: fl,
             guessed: false,
+            global: false,
         }),
         (None, place) => {
             if !matches!(r.ty, Ty::Unknown) && !matches!(r.ty, Ty::Ext(_)) {
@@ -106,6 +122,7 @@ pub fn resolve_lock(
                     name: p.place_name(&cands[0].0),
                     flavor: cands[0].1,
                     guessed: true,
+                    global: false,
                 });
             }
             if !lockish {
@@ -126,6 +143,7 @@ pub fn resolve_lock(
                     LockFlavor::Plain
                 },
                 guessed: true,
+                global: false,
             })
         }
     }
@@ -273,12 +291,38 @@ pub fn graph(p: &Program) -> LockGraph {
                 let Some(outer) = &locks[h as usize] else {
                     continue;
                 };
-                if outer.name == inner.name {
-                    continue;
-                }
                 let outer_line = f.acquires[h as usize].line;
                 let direct = a.via != AcquireVia::Acquire
                     && f.acquires[h as usize].via != AcquireVia::Acquire;
+                if outer.name == inner.name {
+                    let same_object = f.acquires[h as usize].lock == a.lock;
+                    // `x.acquire()` on a held lock is also the hand-off idiom
+                    // (another thread releases it): only `with` nesting counts.
+                    let deadlocks = same_object
+                        && direct
+                        && inner.flavor == LockFlavor::Plain
+                        && !inner.guessed;
+                    let two = !same_object && inner.flavor != LockFlavor::Async;
+                    if (deadlocks || two) && g.reentries.len() < 256 {
+                        g.reentries.push(Reentry {
+                            lock: inner.name.clone(),
+                            site: EdgeSite {
+                                outer: Site {
+                                    func: id,
+                                    line: outer_line,
+                                },
+                                inner: Site {
+                                    func: id,
+                                    line: a.line,
+                                },
+                                via: Vec::new(),
+                                direct: true,
+                            },
+                            two_objects: two,
+                        });
+                    }
+                    continue;
+                }
                 add_edge(
                     &mut g,
                     &outer.name,
@@ -305,6 +349,38 @@ pub fn graph(p: &Program) -> LockGraph {
                 };
                 for (inner, t) in &takes[callee] {
                     if *inner == outer.name {
+                        // Re-acquired through a call: a self-deadlock when it is
+                        // surely the same object (a module global, or `self.x`
+                        // reached through `self.method()`).
+                        let same_object = outer.global
+                            || (self_call(p, id, line)
+                                && t.via.is_empty()
+                                && t.site.func.file == ids[callee].file
+                                && acquires_self_attr(p, t.site));
+                        let with_both = f.acquires[h as usize].via != AcquireVia::Acquire
+                            && taken_with(p, t.site);
+                        if outer.flavor == LockFlavor::Plain
+                            && !outer.guessed
+                            && same_object
+                            && with_both
+                            && g.reentries.len() < 256
+                        {
+                            let mut via = vec![Site { func: id, line }];
+                            via.extend(t.via.iter().copied());
+                            g.reentries.push(Reentry {
+                                lock: outer.name.clone(),
+                                site: EdgeSite {
+                                    outer: Site {
+                                        func: id,
+                                        line: f.acquires[h as usize].line,
+                                    },
+                                    inner: t.site,
+                                    via,
+                                    direct: false,
+                                },
+                                two_objects: false,
+                            });
+                        }
                         continue;
                     }
                     let mut via = vec![Site { func: id, line }];
@@ -328,6 +404,30 @@ pub fn graph(p: &Program) -> LockGraph {
         }
     }
     g
+}
+
+/// Whether the call at `line` in `id` is `self.m(...)`.
+fn self_call(p: &Program, id: FnId, line: u32) -> bool {
+    p.function(id)
+        .calls
+        .iter()
+        .any(|c| c.line == line && c.callee.root == Root::SelfObj && c.callee.attrs.len() == 1)
+}
+
+/// Whether the acquisition at `site` is a `with` statement.
+fn taken_with(p: &Program, site: Site) -> bool {
+    p.function(site.func)
+        .acquires
+        .iter()
+        .any(|a| a.line == site.line && a.via != AcquireVia::Acquire)
+}
+
+/// Whether the acquisition at `site` is of `self.<attr>`.
+fn acquires_self_attr(p: &Program, site: Site) -> bool {
+    p.function(site.func)
+        .acquires
+        .iter()
+        .any(|a| a.line == site.line && a.lock.root == Root::SelfObj && a.lock.attrs.len() == 1)
 }
 
 fn add_edge(g: &mut LockGraph, from: &str, to: &str, site: EdgeSite) {
@@ -411,7 +511,7 @@ struct EdgeJson {
 
 pub(crate) fn findings(p: &Program) -> Vec<Finding> {
     let g = graph(p);
-    let mut out = Vec::new();
+    let mut out = reentry_findings(p, &g);
     let at = |s: &Site| {
         let l = p.location(s.func, s.line);
         format!("{}:{}:{}", l.file, l.function, l.line)
@@ -491,6 +591,81 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
         );
         f.related = related;
         out.push(f);
+    }
+    out
+}
+
+fn reentry_findings(p: &Program, g: &LockGraph) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &g.reentries {
+        let f = p.function(r.site.outer.func);
+        let file = &p.files[r.site.outer.func.file as usize].rel;
+        if !seen.insert((r.site.outer, r.lock.clone(), r.two_objects)) {
+            continue;
+        }
+        let via: Vec<String> = r
+            .site
+            .via
+            .iter()
+            .map(|v| format!("call at line {} in {}", v.line, p.function(v.func).qualname))
+            .collect();
+        let related = vec![
+            Related::new(
+                &p.location(r.site.outer.func, r.site.outer.line),
+                format!("holds {}", r.lock),
+            ),
+            Related::new(
+                &p.location(r.site.inner.func, r.site.inner.line),
+                if via.is_empty() {
+                    format!("takes {} again", r.lock)
+                } else {
+                    format!("takes {} again via {}", r.lock, via.join(", "))
+                },
+            ),
+        ];
+        let evidence = json!({
+            "locks": [r.lock],
+            "instances": r.two_objects,
+            "via": via,
+        });
+        let finding = if r.two_objects {
+            finding(
+                Layer::Structural,
+                Kind::LOCK_ORDER_INVERSION,
+                Severity::High,
+                0.6,
+                format!(
+                    "two {} objects are locked one inside the other in the order the caller passes them (line {} then {}): two threads passing them swapped deadlock",
+                    r.lock, r.site.outer.line, r.site.inner.line
+                ),
+                p.location(r.site.inner.func, r.site.inner.line),
+                &format!("{}|instances", r.lock),
+                format!(
+                    "lock_order_inversion|{file}|{}|{}|instances",
+                    f.qualname, r.lock
+                ),
+                evidence,
+            )
+        } else {
+            finding(
+                Layer::Structural,
+                Kind::DEADLOCK,
+                Severity::Critical,
+                if r.site.direct { 0.9 } else { 0.75 },
+                format!(
+                    "non-reentrant lock {} is taken again while held (line {} then line {}): the thread waits for itself forever",
+                    r.lock, r.site.outer.line, r.site.inner.line
+                ),
+                p.location(r.site.inner.func, r.site.inner.line),
+                &r.lock,
+                format!("deadlock|{file}|{}|{}", f.qualname, r.lock),
+                evidence,
+            )
+        };
+        let mut finding = finding;
+        finding.related = related;
+        out.push(finding);
     }
     out
 }

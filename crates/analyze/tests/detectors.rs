@@ -241,6 +241,69 @@ fn consistent_lock_order_across_many_functions_is_not_flagged() {
     );
 }
 
+#[test]
+fn self_deadlock_and_argument_ordered_instances() {
+    let t = Tree::new(&[(
+        "acct.py",
+        r#"
+        import threading
+        REGISTRY_LOCK = threading.Lock()
+
+        class Account:
+            def __init__(self):
+                self.lock = threading.Lock()
+                self._state = threading.RLock()
+                self.balance = 0
+
+            def deposit(self, n):
+                with self.lock:
+                    self._audit(n)
+
+            def _audit(self, n):
+                with self.lock:
+                    self.balance += n
+
+            def safe(self):
+                with self._state:
+                    self._again()
+
+            def _again(self):
+                with self._state:
+                    return 1
+
+        def transfer(src, dst, n):
+            with src.lock:
+                with dst.lock:
+                    src.balance -= n
+                    dst.balance += n
+
+        def register():
+            with REGISTRY_LOCK:
+                helper()
+
+        def helper():
+            with REGISTRY_LOCK:
+                pass
+        "#,
+    )]);
+    let a = t.analyze();
+    let dl = of_kind(&a, "deadlock");
+    let mut sites: Vec<(String, u32)> = dl
+        .iter()
+        .map(|f| (f.location.function.clone(), f.location.line))
+        .collect();
+    sites.sort();
+    assert_eq!(
+        sites,
+        [("Account._audit".to_owned(), 15), ("helper".to_owned(), 37)],
+        "{dl:#?}"
+    );
+    let inv = of_kind(&a, "lock_order_inversion");
+    assert_eq!(inv.len(), 1, "{inv:#?}");
+    assert_eq!(inv[0].location.line, 28);
+    assert_eq!(inv[0].evidence["instances"], true);
+}
+
 // ------------------------------------------------------------ resource leaks
 
 #[test]

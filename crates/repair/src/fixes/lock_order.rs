@@ -31,6 +31,13 @@ pub fn fix(repo: &Path, analysis: &Analysis, finding: &Finding) -> Result<Fix, R
                 .collect()
         })
         .unwrap_or_default();
+    if finding.evidence.get("instances").and_then(|v| v.as_bool()) == Some(true) {
+        return Ok(Fix::review(
+            "lock_order",
+            finding.title.clone(),
+            "the order depends on the caller's arguments: take the two locks in a fixed order (sort the two objects by a stable key such as id() or an account number) before nesting them".into(),
+        ));
+    }
     let g = locks::graph(&analysis.program);
     let p = &analysis.program;
     let at = |s: &locks::Site| {

@@ -30,9 +30,14 @@ pub fn fix(repo: &Path, analysis: &Analysis, finding: &Finding) -> Result<Fix, R
         "blocked_event_loop" => blocking::fix(repo, finding),
         "memory_leak" => container::fix(repo, analysis, finding),
         "lock_order_inversion" => lock_order::fix(repo, analysis, finding),
+        "deadlock" => Ok(Fix::review(
+            "lock_reentry",
+            format!("{}", finding.title),
+            "make the lock a threading.RLock if re-entry is intended, or move the inner acquisition out of the held region (often: a helper that expects the caller to hold the lock)".into(),
+        )),
         _ => Err(unsupported(
             finding,
-            "supported kinds: fd_leak, resource_leak, blocked_event_loop, memory_leak, lock_order_inversion",
+            "supported kinds: fd_leak, resource_leak, blocked_event_loop, memory_leak, lock_order_inversion, deadlock (explained)",
         )),
     }
 }
