@@ -32,7 +32,7 @@ pub fn fix(repo: &Path, analysis: &Analysis, finding: &Finding) -> Result<Fix, R
         "lock_order_inversion" => lock_order::fix(repo, analysis, finding),
         "deadlock" => Ok(Fix::review(
             "lock_reentry",
-            format!("{}", finding.title),
+            finding.title.clone(),
             "make the lock a threading.RLock if re-entry is intended, or move the inner acquisition out of the held region (often: a helper that expects the caller to hold the lock)".into(),
         )),
         _ => Err(unsupported(
