@@ -85,8 +85,17 @@ impl Enricher {
         };
         let project = project_dir(&host);
         let analysis = self.analysis(&project)?;
+        let base = if analysis.root.is_file() {
+            analysis
+                .root
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .to_path_buf()
+        } else {
+            analysis.root.clone()
+        };
         let Some(rel) = host
-            .strip_prefix(&analysis.root)
+            .strip_prefix(&base)
             .ok()
             .map(|r| r.to_string_lossy().replace('\\', "/"))
         else {
@@ -108,7 +117,7 @@ impl Enricher {
             .iter()
             .filter_map(|l| {
                 let h = host_path(source_root, &l.file);
-                let r = h.strip_prefix(&analysis.root).ok()?;
+                let r = h.strip_prefix(&base).ok()?;
                 Some((
                     r.to_string_lossy().replace('\\', "/"),
                     l.function.clone(),
@@ -222,7 +231,11 @@ fn project_dir(file: &Path) -> PathBuf {
     }
     let count = count_py(&dir, MAX_FILES + 1);
     if count > MAX_FILES {
-        return top_pkg.unwrap_or_else(|| file.parent().unwrap_or(Path::new("/")).to_path_buf());
+        // A package, or just the file when it is a lone module in a huge directory.
+        return match top_pkg {
+            Some(p) if count_py(&p, MAX_FILES + 1) <= MAX_FILES => p,
+            _ => file.to_path_buf(),
+        };
     }
     dir
 }

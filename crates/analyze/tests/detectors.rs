@@ -777,3 +777,84 @@ fn ids_are_stable_across_runs() {
     let y = t.analyze();
     assert_eq!(x.findings[0].id, y.findings[0].id);
 }
+
+// ------------------------------------------------------------- enrichment
+
+#[test]
+fn enrich_explains_runtime_deadlock_and_blocked_loop() {
+    let t = Tree::new(&[(
+        "svc.py",
+        r#"
+        import threading, time
+        a = threading.Lock()
+        b = threading.Lock()
+
+        def one():
+            with a:
+                with b:
+                    pass
+
+        def two():
+            with b:
+                with a:
+                    pass
+
+        def slow():
+            time.sleep(1)
+
+        async def handler():
+            slow()
+        "#,
+    )]);
+    let file = t.0.join("svc.py").to_string_lossy().into_owned();
+    let enricher = pymedic_analyze::Enricher::new();
+    // A deadlock seen at runtime: thread 1 waits at line 12 holding b.
+    let mut dl = Finding::new(
+        Layer::Temporal,
+        pymedic_model::Kind::DEADLOCK,
+        pymedic_model::Severity::Critical,
+        0.97,
+        "2 threads deadlocked",
+        None,
+        pymedic_model::Location::new(file.clone(), "two", 12),
+    );
+    dl.related.push(pymedic_model::Related::new(
+        &pymedic_model::Location::new(file.clone(), "one", 7),
+        "waits for b",
+    ));
+    let rel = enricher.explain(&dl, Path::new("/")).unwrap();
+    assert!(
+        rel.iter()
+            .any(|r| r.role.starts_with("static: locks taken in opposite orders")),
+        "{rel:#?}"
+    );
+    assert!(rel.iter().all(|r| r.file == file));
+    // A blocked loop seen at runtime, deepest frame in slow().
+    let mut bl = Finding::new(
+        Layer::Temporal,
+        pymedic_model::Kind::BLOCKED_EVENT_LOOP,
+        pymedic_model::Severity::High,
+        0.9,
+        "event loop blocked for 1s",
+        None,
+        pymedic_model::Location::new(file.clone(), "slow", 16),
+    );
+    bl.stacks.push(pymedic_model::Stack {
+        thread: "MainThread".into(),
+        tid: 1,
+        frames: vec![
+            pymedic_model::Location::new(file.clone(), "slow", 16),
+            pymedic_model::Location::new(file.clone(), "handler", 19),
+        ],
+    });
+    let rel = enricher.explain(&bl, Path::new("/")).unwrap();
+    assert!(
+        rel.iter()
+            .any(|r| r.line == 16 && r.role.contains("blocking call time.sleep")),
+        "{rel:#?}"
+    );
+    // Kinds the static layer cannot explain get nothing.
+    let mut cpu = bl.clone();
+    cpu.kind = pymedic_model::Kind::CPU_HOTSPOT;
+    assert!(enricher.explain(&cpu, Path::new("/")).unwrap().is_empty());
+}
