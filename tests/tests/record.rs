@@ -172,6 +172,18 @@ fn record_off_cpu_shows_the_sleeping_line_at_its_share_of_wall_time() {
                     &out,
                 );
                 let stacks = parse_collapsed(&out);
+                // The main thread, blocked in join() for the whole window,
+                // is charged the whole window at its join.
+                let main_wall: u64 = stacks
+                    .iter()
+                    .filter(|(f, _)| f.iter().any(|fr| function(fr).ends_with("join")))
+                    .map(|s| s.1)
+                    .sum();
+                assert!(
+                    main_wall > 3_500_000,
+                    "{}: blocked main thread charged {main_wall} µs",
+                    py.label
+                );
                 let worker: Vec<_> = stacks
                     .into_iter()
                     .filter(|(f, _)| f.iter().any(|fr| function(fr) == "worker"))
