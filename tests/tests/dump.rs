@@ -435,11 +435,11 @@ fn stacks_match_py_spy() {
 }
 
 #[test]
-fn locals_and_native_frames() {
-    if !require_root("locals_and_native_frames") {
+fn locals_blocking_and_native_frames() {
+    if !require_root("locals_blocking_and_native_frames") {
         return;
     }
-    on_every_python("--locals / --native", |py| {
+    on_every_python("--locals / --blocking / --native", |py| {
         let mut errs = Vec::new();
         let p = PyProc::start(py, "deadlock/instance_attrs.py", &[]);
         let v = dump_json(p.pid(), &["--locals"]);
@@ -477,6 +477,13 @@ fn locals_and_native_frames() {
                 }
             }
             None => errs.push("--locals: no transfer frame".into()),
+        }
+        let v = dump_json(p.pid(), &["--blocking"]);
+        if v["paused"] != true || v["deadlocks"].as_array().is_none_or(|d| d.len() != 1) {
+            errs.push(format!(
+                "--blocking: paused {} deadlocks {}",
+                v["paused"], v["deadlocks"]
+            ));
         }
         let v = dump_json(p.pid(), &["--native"]);
         if v["paused"] != true {

@@ -123,10 +123,15 @@ impl<M: ProcessMemory> Locks<'_, M> {
                 }
                 continue;
             }
+            if is_threading(&code.filename) || is_queue(&code.filename) {
+                // The primitives' own bookkeeping (Condition, Event, Queue)
+                // never holds a lock across a call into the program.
+                continue;
+            }
             let Some(src) = sources.get(pid, &code.filename) else {
                 continue;
             };
-            for site in src.held_at(frame.line) {
+            for site in src.held_at(frame.line).iter() {
                 let Some(obj) = eval(self.interp, frame, &site.expr) else {
                     continue;
                 };

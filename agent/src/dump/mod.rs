@@ -98,7 +98,8 @@ impl DumpError {
             self,
             DumpError::PermissionDenied { .. }
                 | DumpError::Inspect(InspectError::PermissionDenied { .. })
-        ) || matches!(self, DumpError::Pause { reason, .. } if reason.contains("ermission"))
+        ) || matches!(self, DumpError::Pause { reason, .. }
+            if reason.contains("EPERM") || reason.contains("not permitted") || reason.contains("ermission"))
     }
 }
 
@@ -371,4 +372,14 @@ pub fn snapshot(pid: u32, opts: &DumpOptions) -> Result<Snapshot, DumpError> {
 /// Per-thread lookup helpers for consumers of a [`Snapshot`].
 pub fn threads_by_tid(s: &Snapshot) -> HashMap<u32, &ThreadDump> {
     s.threads.iter().map(|t| (t.tid, t)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dumper_can_move_between_threads() {
+        fn send<T: Send>() {}
+        send::<super::Dumper>();
+        send::<super::Snapshot>();
+    }
 }

@@ -9,7 +9,7 @@
 //! [`SourceCache`].
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ruff_python_ast::visitor::{self, Visitor};
 use ruff_python_ast::{Expr, ModModule, Stmt};
@@ -41,6 +41,8 @@ pub struct SourceFile {
     text: String,
     line_starts: Vec<usize>,
     module: ModModule,
+    /// `held_at` answers by line: deep stacks repeat the same lines.
+    held: Mutex<HashMap<u32, Arc<Vec<Site>>>>,
 }
 
 impl SourceFile {
@@ -53,6 +55,7 @@ impl SourceFile {
             text,
             line_starts,
             module,
+            held: Mutex::new(HashMap::new()),
         })
     }
 
@@ -105,7 +108,15 @@ impl SourceFile {
     /// `X.acquire()` calls earlier in the same function (in statements
     /// before the path, or in an `if`/`while` test the line is under) not
     /// followed by `X.release()`.
-    pub fn held_at(&self, line: u32) -> Vec<Site> {
+    pub fn held_at(&self, line: u32) -> Arc<Vec<Site>> {
+        let mut cache = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry(line)
+            .or_insert_with(|| Arc::new(self.compute_held_at(line)))
+            .clone()
+    }
+
+    fn compute_held_at(&self, line: u32) -> Vec<Site> {
         let mut held: Vec<Site> = Vec::new();
         for (block, i) in self.path(line) {
             for earlier in &block[..i] {
