@@ -10,3 +10,5 @@ pub mod deadlock;
 pub mod discovery;
 pub mod dump;
 pub mod procinfo;
+pub mod profile;
+pub mod pystack;

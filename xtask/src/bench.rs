@@ -22,6 +22,9 @@ pub struct BenchArgs {
     /// Runs of each command (the median is reported).
     #[arg(long, default_value_t = 21)]
     runs: usize,
+    /// Rounds of (baseline, pymedic, py-spy) for `record`.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Interpreter to run the target with (default: pyenv's newest 3.8–3.13,
     /// else python3); for `analyze`, the interpreter whose `ast` module is
     /// the baseline (default: Debian's /usr/bin/python3.11).
@@ -38,6 +41,9 @@ enum Which {
     Dump,
     /// `pymedic analyze` vs Python's `ast.parse` on the same files.
     Analyze,
+    /// A 5-thread CPU-bound target: no profiler vs `pymedic record` vs
+    /// `py-spy record` at 100 Hz (see bench_record.rs).
+    Record,
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -51,6 +57,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 .unwrap_or(std::path::Path::new("/usr/bin/python3.11")),
             args.runs.min(5) as u32,
         ),
+        Which::Record => crate::bench_record::record(args.rounds, args.python.as_deref()),
     }
 }
 

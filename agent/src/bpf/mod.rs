@@ -4,6 +4,7 @@
 //! Each concern is its own object (built from `ebpf/pymedic-ebpf/src/bin/*`
 //! by `build.rs`), so a command loads only what it needs.
 
+pub mod btf;
 pub mod tracefs;
 
 use std::io;
@@ -15,6 +16,9 @@ pub mod objects {
     /// Process discovery (exec/fork/exit tracepoints).
     pub static DISCOVERY: &[u8] =
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/discovery"));
+    /// CPU and off-CPU profiling (perf events, sched_switch) with the
+    /// shared Python stack walker.
+    pub static PROFILE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profile"));
 }
 
 /// Errors of the eBPF subsystem.
@@ -57,6 +61,8 @@ pub enum BpfError {
     },
     #[error(transparent)]
     Tracefs(#[from] tracefs::TracefsError),
+    #[error(transparent)]
+    Btf(#[from] btf::BtfError),
     #[error("{op}: {source}")]
     Io { op: &'static str, source: io::Error },
 }
@@ -66,6 +72,11 @@ impl BpfError {
     pub fn is_permission(&self) -> bool {
         matches!(self, BpfError::PermissionDenied { .. })
     }
+}
+
+/// True when `e` (or a cause) is the kernel refusing for lack of privilege.
+pub fn is_permission_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    is_eperm(e)
 }
 
 fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {

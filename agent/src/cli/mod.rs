@@ -5,6 +5,7 @@
 mod analyze;
 pub mod dump;
 mod ps;
+mod record;
 mod repair;
 
 use std::process::ExitCode;
@@ -28,6 +29,9 @@ pub struct Cli {
 pub enum Command {
     /// List the Python processes on this host (or watch them come and go).
     Ps(ps::PsArgs),
+    /// Record a CPU (or, with --off-cpu, wall-clock) profile of Python
+    /// processes: pprof, speedscope, flame graph or collapsed stacks.
+    Record(record::RecordArgs),
     /// Every thread's Python stack now, with names, GIL, what each waits
     /// for, and deadlock verdicts.
     Dump(dump::DumpArgs),
@@ -42,6 +46,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Ps(args) => ps::run(args),
+        Command::Record(args) => record::run(args),
         Command::Dump(args) => dump::run(args),
         Command::Analyze(args) => analyze::run(args),
         Command::Repair(args) => repair::run(args),

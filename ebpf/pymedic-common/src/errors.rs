@@ -14,11 +14,15 @@ pub enum ErrorCode {
     MapFull = 2,
     /// A tracepoint argument could not be read.
     TracepointArg = 3,
+    /// The Python stack walker found no thread state for the thread.
+    NoThreadState = 4,
+    /// A per-CPU scratch buffer was unavailable.
+    Scratch = 5,
 }
 
 impl ErrorCode {
     /// Number of distinct codes: the size of every `*_ERRORS` array.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 6;
 
     /// All codes, in index order.
     pub const ALL: [ErrorCode; Self::COUNT as usize] = [
@@ -26,6 +30,8 @@ impl ErrorCode {
         ErrorCode::ProbeRead,
         ErrorCode::MapFull,
         ErrorCode::TracepointArg,
+        ErrorCode::NoThreadState,
+        ErrorCode::Scratch,
     ];
 
     /// Stable label used in metrics and logs.
@@ -35,6 +41,8 @@ impl ErrorCode {
             ErrorCode::ProbeRead => "probe_read",
             ErrorCode::MapFull => "map_full",
             ErrorCode::TracepointArg => "tracepoint_arg",
+            ErrorCode::NoThreadState => "no_thread_state",
+            ErrorCode::Scratch => "scratch",
         }
     }
 }

@@ -8,3 +8,5 @@
 
 pub mod discovery;
 pub mod errors;
+pub mod profile;
+pub mod pystack;

@@ -4,3 +4,4 @@
 #![no_std]
 
 pub mod errors;
+pub mod pystack;
