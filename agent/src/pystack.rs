@@ -197,6 +197,11 @@ pub trait CodeSource {
     fn python_thread_names(&self, _task_tids: &[u32]) -> HashMap<u32, String> {
         HashMap::new()
     }
+    /// Python stacks (outermost first) of the process's threads by kernel
+    /// tid, read from userspace; empty when unknown.
+    fn thread_stacks(&self, _task_tids: &[u32]) -> HashMap<u32, Vec<Frame>> {
+        HashMap::new()
+    }
 }
 
 impl<M: pymedic_python::memory::ProcessMemory> CodeSource for Interpreter<M> {
@@ -220,6 +225,29 @@ impl<M: pymedic_python::memory::ProcessMemory> CodeSource for Interpreter<M> {
         self.native_tids(&threads, task_tids)
             .into_iter()
             .filter_map(|(pthread, tid)| Some((tid, names.get(&pthread)?.clone())))
+            .collect()
+    }
+    fn thread_stacks(&self, task_tids: &[u32]) -> HashMap<u32, Vec<Frame>> {
+        let Ok(threads) = self.threads() else {
+            return HashMap::new();
+        };
+        let tids = self.native_tids(&threads, task_tids);
+        threads
+            .iter()
+            .filter_map(|t| {
+                let tid = *tids.get(&t.thread_id)?;
+                let frames = self.frames(t).ok()?;
+                let frames = frames
+                    .iter()
+                    .rev()
+                    .map(|f| Frame {
+                        function: f.code.function().to_string(),
+                        file: f.code.filename.clone(),
+                        line: f.line,
+                    })
+                    .collect();
+                Some((tid, frames))
+            })
             .collect()
     }
 }
@@ -292,6 +320,15 @@ impl Symbolizer {
         };
         let tids = crate::procinfo::thread_ids(pid).unwrap_or_default();
         p.interp.python_thread_names(&tids)
+    }
+
+    /// Python stacks of `pid`'s threads by tid, read from userspace now.
+    pub fn thread_stacks(&self, pid: u32) -> HashMap<u32, Vec<Frame>> {
+        let Some(p) = self.procs.get(&pid) else {
+            return HashMap::new();
+        };
+        let tids = crate::procinfo::thread_ids(pid).unwrap_or_default();
+        p.interp.thread_stacks(&tids)
     }
 
     /// Whether stack `id` of `pid` is already symbolized.

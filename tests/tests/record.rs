@@ -172,6 +172,18 @@ fn record_off_cpu_shows_the_sleeping_line_at_its_share_of_wall_time() {
                     &out,
                 );
                 let stacks = parse_collapsed(&out);
+                // The main thread, blocked in join() for the whole window,
+                // is charged the whole window at its join.
+                let main_wall: u64 = stacks
+                    .iter()
+                    .filter(|(f, _)| f.iter().any(|fr| function(fr).ends_with("join")))
+                    .map(|s| s.1)
+                    .sum();
+                assert!(
+                    main_wall > 3_500_000,
+                    "{}: blocked main thread charged {main_wall} µs",
+                    py.label
+                );
                 let worker: Vec<_> = stacks
                     .into_iter()
                     .filter(|(f, _)| f.iter().any(|fr| function(fr) == "worker"))
@@ -339,4 +351,47 @@ fn record_with_py_spy_sampler_and_a_target_that_exits() {
         "record did not stop when its target exited"
     );
     assert!(!parse_collapsed(&out).is_empty());
+}
+
+#[test]
+fn record_all_python_follows_processes_started_while_recording() {
+    if !require_root("record_all_python_follows_processes_started_while_recording") {
+        return;
+    }
+    let pys = pythons();
+    let first = PyProc::start(&pys[0], "profile/cpu_split.py", &["2"]);
+    let out = tmp("all-python.txt");
+    let recorder = Command::new(pymedic_integration::pymedic_bin())
+        .args([
+            "record",
+            "--all-python",
+            "--duration",
+            "5s",
+            "--quiet",
+            "--format",
+            "collapsed",
+            "-o",
+        ])
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run pymedic");
+    std::thread::sleep(std::time::Duration::from_millis(2000));
+    let late = PyProc::start(pys.last().unwrap(), "profile/cpu_split.py", &["2"]);
+    let o = recorder.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stacks = parse_collapsed(&out);
+    for (p, what) in [
+        (&first, "running at start"),
+        (&late, "started while recording"),
+    ] {
+        let root = format!("<process {} ", p.pid());
+        assert!(
+            stacks
+                .iter()
+                .any(|(f, _)| f[0].starts_with(&root) && f.iter().any(|x| function(x) == "burn_a")),
+            "process {} ({what}) missing from the --all-python profile",
+            p.pid()
+        );
+    }
 }

@@ -29,15 +29,21 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Interpreter to run the target with (default: pyenv's newest 3.8–3.13,
-    /// else python3).
+    /// else python3); for `analyze`, the interpreter whose `ast` module is
+    /// the baseline (default: Debian's /usr/bin/python3.11).
     #[arg(long)]
     python: Option<PathBuf>,
+    /// Source tree for `analyze` (default: Debian's python3.11 standard library).
+    #[arg(long, default_value = "/usr/lib/python3.11")]
+    tree: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Which {
     /// `pymedic dump --json` vs `py-spy dump --json`.
     Dump,
+    /// `pymedic analyze` vs Python's `ast.parse` on the same files.
+    Analyze,
     /// A 5-thread CPU-bound target: no profiler vs `pymedic record` vs
     /// `py-spy record` at 100 Hz (see bench_record.rs).
     Record,
@@ -50,6 +56,14 @@ enum Which {
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         Which::Dump => dump(&args),
+        // Each run parses ~300k lines on both sides: a few runs suffice.
+        Which::Analyze => crate::bench_analyze::analyze(
+            &args.tree,
+            args.python
+                .as_deref()
+                .unwrap_or(std::path::Path::new("/usr/bin/python3.11")),
+            args.runs.min(5) as u32,
+        ),
         Which::Record => crate::bench_record::record(args.rounds, args.python.as_deref()),
         Which::Agent => crate::bench_agent::run(
             args.seconds,

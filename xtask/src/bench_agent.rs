@@ -141,7 +141,9 @@ pub fn run(seconds: u64, py: &Path) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&data);
         (c1 - c0) / t0.elapsed().as_secs_f64() * 100.0
     };
-    println!("agent with no targets (discovery only, this host's exec rate): {idle_cpu:.3} % of one core");
+    println!(
+        "agent with no targets (discovery only, this host's exec rate): {idle_cpu:.3} % of one core"
+    );
 
     // The agent, restricted to this bench's processes (by command line).
     let data = tempdir()?;

@@ -190,57 +190,68 @@ pub fn record(rounds: usize, python_path: Option<&Path>) -> anyhow::Result<()> {
     let (mut base, mut ours, mut spy) = (Vec::new(), Vec::new(), Vec::new());
     let (mut our_runs, mut spy_runs) = (Vec::new(), Vec::new());
     for round in 0..rounds {
-        let mut t = start_target(&py, &script)?;
-        base.push(elapsed(&mut t)?);
-
-        let mut t = start_target(&py, &script)?;
-        let pid = t.child.id().to_string();
-        let prof = Command::new(&pymedic)
-            .args([
-                "record",
-                "--pid",
-                &pid,
-                "--rate",
-                "100",
-                "--duration",
-                "10m",
-                "--quiet",
-            ])
-            .args(["--format", "collapsed", "-o"])
-            .arg(out_dir.join("pymedic.txt"))
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let (secs, run) = profiled(prof, &mut t)?;
-        ours.push(secs);
-        our_runs.push(run);
-
-        let mut t = start_target(&py, &script)?;
-        let pid = t.child.id().to_string();
-        let prof = Command::new(&py_spy)
-            .args([
-                "record",
-                "--nonblocking",
-                "-r",
-                "100",
-                "-f",
-                "raw",
-                "-p",
-                &pid,
-                "-o",
-            ])
-            .arg(out_dir.join("py-spy.txt"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("run {} (cargo xtask setup installs it)", py_spy.display()))?;
-        let (secs, mut run) = profiled(prof, &mut t)?;
-        run.samples = std::fs::read_to_string(out_dir.join("py-spy.txt"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-            .sum();
-        spy.push(secs);
-        spy_runs.push(run);
+        // Rotate the order each round so drift in machine load does not
+        // favour one configuration.
+        for step in 0..3 {
+            match (step + round) % 3 {
+                0 => {
+                    let mut t = start_target(&py, &script)?;
+                    base.push(elapsed(&mut t)?);
+                }
+                1 => {
+                    let mut t = start_target(&py, &script)?;
+                    let pid = t.child.id().to_string();
+                    let prof = Command::new(&pymedic)
+                        .args([
+                            "record",
+                            "--pid",
+                            &pid,
+                            "--rate",
+                            "100",
+                            "--duration",
+                            "10m",
+                        ])
+                        .args(["--quiet", "--format", "collapsed", "-o"])
+                        .arg(out_dir.join("pymedic.txt"))
+                        .stderr(Stdio::piped())
+                        .spawn()?;
+                    let (secs, run) = profiled(prof, &mut t)?;
+                    ours.push(secs);
+                    our_runs.push(run);
+                }
+                _ => {
+                    let mut t = start_target(&py, &script)?;
+                    let pid = t.child.id().to_string();
+                    let prof = Command::new(&py_spy)
+                        .args([
+                            "record",
+                            "--nonblocking",
+                            "-r",
+                            "100",
+                            "-f",
+                            "raw",
+                            "-p",
+                            &pid,
+                        ])
+                        .arg("-o")
+                        .arg(out_dir.join("py-spy.txt"))
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::piped())
+                        .spawn()
+                        .with_context(|| {
+                            format!("run {} (cargo xtask setup installs it)", py_spy.display())
+                        })?;
+                    let (secs, mut run) = profiled(prof, &mut t)?;
+                    run.samples = std::fs::read_to_string(out_dir.join("py-spy.txt"))
+                        .unwrap_or_default()
+                        .lines()
+                        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+                        .sum();
+                    spy.push(secs);
+                    spy_runs.push(run);
+                }
+            }
+        }
         println!(
             "  round {}: baseline {:.2}s, pymedic {:.2}s, py-spy {:.2}s",
             round + 1,
@@ -260,7 +271,10 @@ pub fn record(rounds: usize, python_path: Option<&Path>) -> anyhow::Result<()> {
     let spy_last = spy_runs.last().context("no rounds")?;
     let spy_per_sample = spy_last.cpu_s * 1e6 / spy_last.samples.max(1) as f64;
     println!();
-    println!("target slowdown (median wall time / baseline {b:.2}s):");
+    println!(
+        "target slowdown (median wall time / baseline {b:.2}s; compare rounds when the \
+         machine is busy, ratios below 1 mean noise dominates):"
+    );
     println!("  pymedic record 100 Hz: {:.3}x   (goal <= 1.01x)", o / b);
     println!("  py-spy record 100 Hz:  {:.3}x", s / b);
     println!(

@@ -9,6 +9,7 @@
 
 mod bench;
 mod bench_agent;
+mod bench_analyze;
 mod bench_record;
 mod cmd;
 mod codegen;
@@ -40,7 +41,7 @@ enum Task {
     /// Set up, then run every test, including the privileged eBPF ones.
     Test(test::TestArgs),
     /// Benchmarks against a baseline measured in the same run:
-    /// `cargo xtask bench dump`, `cargo xtask bench record`.
+    /// `cargo xtask bench dump`, `cargo xtask bench record`, `cargo xtask bench analyze`.
     Bench(bench::BenchArgs),
     /// Regenerate committed generated code: `cargo xtask codegen layouts [--check]`.
     Codegen(codegen::CodegenArgs),

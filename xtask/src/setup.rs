@@ -35,6 +35,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "build-essential",
         "a C compiler for `cargo xtask codegen layouts`",
     ),
+    (
+        "git",
+        "`pymedic repair` commits; its tests make git repositories",
+    ),
+    (
+        "python3.11",
+        "`cargo xtask bench analyze` parses its standard library; /usr/bin/python3.11 is a test interpreter",
+    ),
 ];
 
 /// The virtualenv holding Python tools the tests and benchmarks run

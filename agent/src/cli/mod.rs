@@ -3,12 +3,14 @@
 //! with `--json`, per INTERFACE.md.
 
 mod agent;
+mod analyze;
 mod capture;
 mod diagnose;
 pub mod dump;
 mod findings;
 mod ps;
 mod record;
+mod repair;
 mod report;
 mod targets;
 
@@ -49,6 +51,11 @@ pub enum Command {
     /// Record a CPU (or, with --off-cpu, wall-clock) profile of Python
     /// processes: pprof, speedscope, flame graph or collapsed stacks.
     Record(record::RecordArgs),
+    /// Static analysis of a Python source tree: import graph, impact, lock
+    /// order, resource leaks, blocking calls in coroutines, unbounded containers.
+    Analyze(analyze::AnalyzeArgs),
+    /// Reviewed, reversible source repairs for structural findings.
+    Repair(repair::RepairArgs),
 }
 
 /// Runs a parsed command line.
@@ -62,6 +69,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Targets(args) => targets::run(args),
         Command::Dump(args) => dump::run(args),
         Command::Record(args) => record::run(args),
+        Command::Analyze(args) => analyze::run(args),
+        Command::Repair(args) => repair::run(args),
     }
 }
 
@@ -88,6 +97,15 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
         if cause.downcast_ref::<BadInput>().is_some() {
             return 2;
+        }
+        if let Some(e) = cause.downcast_ref::<pymedic_analyze::AnalyzeError>() {
+            return match e {
+                pymedic_analyze::AnalyzeError::Thread(_) => 1,
+                _ => 2,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<pymedic_repair::RepairError>() {
+            return e.exit_code();
         }
         if let Some(e) = cause.downcast_ref::<InspectError>() {
             return match e {

@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pymedic_python::PythonProcess;
 use pymedic_python::inspect::Inspector;
 
-use crate::discovery::{Discovery, ProcessEvent};
+use crate::discovery::{Discovery, ProcessEvent, Via};
 use crate::procinfo;
 use crate::profile::output::Format;
 use crate::profile::{POLL_INTERVAL, ProfileConfig, Profiler, Progress, SamplerKind};
@@ -227,9 +227,14 @@ async fn record_loop(
                 }
             } => {
                 match ev? {
-                    ProcessEvent::Started { process, .. }
-                        if process.pid != std::process::id() && alive.insert(process.pid) =>
+                    ProcessEvent::Started { process, via, .. }
+                        if process.pid != std::process::id()
+                            && !(via == Via::Scan && alive.contains(&process.pid)) =>
                     {
+                        // A pid already profiled that starts again exec'd a
+                        // new image: register it afresh (new layout, new
+                        // code objects).
+                        alive.insert(process.pid);
                         if let Err(e) = profiler.add_target(&process) {
                             tracing::warn!(pid = process.pid, "cannot profile: {e}");
                         }

@@ -17,8 +17,8 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
 use pymedic_common::profile::{
     ERRORS_MAP, GLOBAL_OFFCPU, GLOBAL_SAMPLE_PERIOD_NS, GLOBAL_SWITCH_NEXT_PID_OFF, KIND_OFF_CPU,
-    OFFCPU_MAP, OffCpuStart, SAMPLES_DEFAULT_MAX, SAMPLES_MAP, STATS_MAP, SampleKey, SampleValue,
-    Stat,
+    OFFCPU_MAP, OffCpuStart, PENDING_MAP, SAMPLES_DEFAULT_MAX, SAMPLES_MAP, SINCE_MAP,
+    STACK_BEFORE_START, STACK_UNKNOWN, STATS_MAP, SampleKey, SampleValue, Stat,
 };
 use pymedic_common::pystack::{EMPTY_STACK_ID, PY_STACKS_MAP, STACK_TRUNCATED};
 use pymedic_python::PythonProcess;
@@ -51,6 +51,9 @@ pub struct EbpfSampler {
     stacks: HashMap<(u32, u64), SymStack>,
     window_start: (SystemTime, Instant, u64),
     lost_at_take: u64,
+    /// Stacks of each target's threads when it was registered (read from
+    /// userspace), for time charged to `STACK_BEFORE_START`.
+    start_stacks: HashMap<(u32, u32), Vec<Frame>>,
 }
 
 fn monotonic_ns() -> u64 {
@@ -111,6 +114,7 @@ impl EbpfSampler {
             stacks: HashMap::new(),
             window_start: (SystemTime::now(), Instant::now(), monotonic_ns()),
             lost_at_take: 0,
+            start_stacks: HashMap::new(),
         })
     }
 
@@ -180,7 +184,11 @@ impl EbpfSampler {
     }
 
     fn symbolize(&mut self, pid: u32, id: u64) -> Result<(), BpfError> {
-        if id == EMPTY_STACK_ID || self.stacks.contains_key(&(pid, id)) {
+        if id == EMPTY_STACK_ID
+            || id == STACK_BEFORE_START
+            || id == STACK_UNKNOWN
+            || self.stacks.contains_key(&(pid, id))
+        {
             return Ok(());
         }
         if let Some(stack) = pystack::read_stack(&self.bpf, id)? {
@@ -287,6 +295,82 @@ impl EbpfSampler {
         Ok(())
     }
 
+    /// Records when `pid` was registered and which threads it had (with
+    /// their stacks), so a thread already blocked then is charged from now
+    /// on at its first switch-in.
+    fn note_threads_at_start(&mut self, pid: u32) -> Result<(), BpfError> {
+        let now = monotonic_ns();
+        {
+            let map = self.bpf.map_mut(SINCE_MAP).ok_or(BpfError::MissingMap {
+                object: OBJECT,
+                map: SINCE_MAP,
+            })?;
+            let mut since: BpfHashMap<_, u32, u64> =
+                BpfHashMap::try_from(map).map_err(map_err(SINCE_MAP))?;
+            since.insert(pid, now, 0).map_err(map_err(SINCE_MAP))?;
+        }
+        let tids = crate::procinfo::thread_ids(pid).unwrap_or_default();
+        {
+            let map = self.bpf.map_mut(PENDING_MAP).ok_or(BpfError::MissingMap {
+                object: OBJECT,
+                map: PENDING_MAP,
+            })?;
+            let mut pending: BpfHashMap<_, u32, u32> =
+                BpfHashMap::try_from(map).map_err(map_err(PENDING_MAP))?;
+            for &tid in &tids {
+                if let Err(e) = pending.insert(tid, pid, 0) {
+                    tracing::debug!(pid, tid, "thread not pending: {e}");
+                }
+            }
+        }
+        self.start_stacks.retain(|k, _| k.0 != pid);
+        for (tid, frames) in self.symbolizer.thread_stacks(pid) {
+            self.start_stacks.insert((pid, tid), frames);
+        }
+        Ok(())
+    }
+
+    /// Threads of the targets that neither ran nor switched during the
+    /// whole window (blocked since before it began): their stacks, read from
+    /// userspace, charged the whole window off CPU.
+    fn blocked_all_window(&self, window_ns: u64) -> Result<Vec<Sample>, BpfError> {
+        let map = self.bpf.map(OFFCPU_MAP).ok_or(BpfError::MissingMap {
+            object: OBJECT,
+            map: OFFCPU_MAP,
+        })?;
+        let open: BpfHashMap<_, u32, OffCpuStart> =
+            BpfHashMap::try_from(map).map_err(map_err(OFFCPU_MAP))?;
+        let open: std::collections::HashSet<u32> = open.keys().filter_map(Result::ok).collect();
+        let active: std::collections::HashSet<(u32, u32)> =
+            self.acc.keys().map(|k| (k.pid, k.tid)).collect();
+        let mut out = Vec::new();
+        for &pid in self.targets.keys() {
+            let tids = crate::procinfo::thread_ids(pid).unwrap_or_default();
+            if tids
+                .iter()
+                .all(|t| open.contains(t) || active.contains(&(pid, *t)))
+            {
+                continue;
+            }
+            let stacks = self.symbolizer.thread_stacks(pid);
+            for tid in tids {
+                if open.contains(&tid) || active.contains(&(pid, tid)) {
+                    continue;
+                }
+                out.push(Sample {
+                    pid,
+                    tid,
+                    kind: SampleKind::OffCpu,
+                    frames: stacks.get(&tid).cloned().unwrap_or_default(),
+                    truncated: false,
+                    count: 1,
+                    weight_ns: window_ns,
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Off-CPU intervals still open (threads asleep now), credited up to now.
     fn open_intervals(&self, now_ns: u64) -> Result<Vec<(SampleKey, u64)>, BpfError> {
         let map = self.bpf.map(OFFCPU_MAP).ok_or(BpfError::MissingMap {
@@ -372,11 +456,20 @@ impl Sampler for EbpfSampler {
     fn add_target(&mut self, p: &PythonProcess) -> Result<(), ProfileError> {
         let info = crate::procinfo::read(p.pid).ok();
         let start_ticks = info.as_ref().map(|i| i.start_ticks).unwrap_or(0);
-        if self.symbolizer.start_ticks(p.pid) != Some(start_ticks) {
-            self.symbolizer.add_process(p, start_ticks);
-            self.stacks.retain(|k, _| k.0 != p.pid);
+        if self.symbolizer.start_ticks(p.pid).is_some() {
+            // Already known: an exec (same pid and start time, new image) or
+            // a reused pid. Symbolize what was captured under the old image
+            // first, then start afresh.
+            if let Err(e) = self.collect() {
+                tracing::warn!(pid = p.pid, "collecting samples before re-registering: {e}");
+            }
         }
+        self.symbolizer.add_process(p, start_ticks);
+        self.stacks.retain(|k, _| k.0 != p.pid);
         pystack::register(&mut self.bpf, p)?;
+        if self.off_cpu {
+            self.note_threads_at_start(p.pid)?;
+        }
         self.targets.insert(
             p.pid,
             ProcessInfo {
@@ -420,8 +513,37 @@ impl Sampler for EbpfSampler {
                 *self.credited.entry(key).or_default() += ns;
             }
         }
+        let window_ns = now_ns.saturating_sub(self.window_start.2);
+        let blocked = if self.off_cpu {
+            self.blocked_all_window(window_ns)?
+        } else {
+            Vec::new()
+        };
+        for s in &blocked {
+            // When the thread finally runs, the kernel charges it from
+            // registration on: this window's share is already counted.
+            let key = SampleKey {
+                stack_id: STACK_BEFORE_START,
+                pid: s.pid,
+                tid: s.tid,
+                kind: KIND_OFF_CPU,
+                _pad: 0,
+            };
+            *self.credited.entry(key).or_default() += s.weight_ns;
+        }
+        let unnamed: Vec<(u32, u32)> = blocked
+            .iter()
+            .filter(|s| {
+                self.targets
+                    .get(&s.pid)
+                    .is_some_and(|p| !p.threads.contains_key(&s.tid))
+            })
+            .map(|s| (s.pid, s.tid))
+            .collect();
+        self.name_threads(&unnamed);
         let lost_total = self.stats()?[Stat::Lost as usize];
-        let mut samples = Vec::with_capacity(self.acc.len());
+        let mut samples = Vec::with_capacity(self.acc.len() + blocked.len());
+        samples.extend(blocked);
         for (key, value) in self.acc.drain() {
             let kind = if key.kind == KIND_OFF_CPU {
                 SampleKind::OffCpu
@@ -430,6 +552,16 @@ impl Sampler for EbpfSampler {
             };
             let (frames, truncated) = if key.stack_id == EMPTY_STACK_ID {
                 (Vec::new(), false)
+            } else if key.stack_id == STACK_BEFORE_START {
+                match self.start_stacks.get(&(key.pid, key.tid)) {
+                    Some(f) => (f.clone(), false),
+                    None => (
+                        vec![Frame::pseudo("<blocked since before recording>")],
+                        false,
+                    ),
+                }
+            } else if key.stack_id == STACK_UNKNOWN {
+                (vec![Frame::pseudo("<stack not captured>")], false)
             } else {
                 match self.stacks.get(&(key.pid, key.stack_id)) {
                     Some((f, t)) => (f.as_ref().clone(), *t),

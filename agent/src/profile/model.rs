@@ -114,7 +114,13 @@ impl Profile {
     /// first: process, thread, then its Python frames (or a marker).
     pub fn stack(&self, s: &Sample) -> Vec<Frame> {
         let process = self.processes.iter().find(|p| p.pid == s.pid);
-        let command = process.map(|p| p.command.as_str()).unwrap_or("");
+        // One line, bounded: command lines may hold newlines (`python -c`).
+        let mut command: String = process
+            .map(|p| p.command.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default();
+        if command.chars().count() > 120 {
+            command = command.chars().take(117).collect::<String>() + "...";
+        }
         let thread = process
             .and_then(|p| p.threads.get(&s.tid))
             .map(String::as_str)

@@ -8,6 +8,12 @@ pub const SAMPLES_MAP: &str = "PROFILE_SAMPLES";
 /// `HashMap<u32 tid, OffCpuStart>`: threads of profiled processes that are
 /// off CPU right now, with the stack they left on.
 pub const OFFCPU_MAP: &str = "PROFILE_OFFCPU";
+/// `HashMap<u32 tgid, u64 ktime>`: when userspace registered a process.
+pub const SINCE_MAP: &str = "PROFILE_SINCE";
+/// `HashMap<u32 tid, u32 tgid>`: threads that existed at registration and
+/// have not been switched in since; the first switch-in of one is charged
+/// from registration on, to [`STACK_BEFORE_START`].
+pub const PENDING_MAP: &str = "PROFILE_PENDING";
 /// Per-CPU `[u64; ErrorCode::COUNT]` error counters.
 pub const ERRORS_MAP: &str = "PROFILE_ERRORS";
 /// Per-CPU `[u64; Stat::COUNT]` counters.
@@ -20,6 +26,13 @@ pub const GLOBAL_SAMPLE_PERIOD_NS: &str = "PROFILE_SAMPLE_PERIOD_NS";
 /// Globals: offset of `next_pid` in the
 /// `sched:sched_switch` record (from its tracefs `format` file).
 pub const GLOBAL_SWITCH_NEXT_PID_OFF: &str = "SWITCH_NEXT_PID_OFF";
+
+/// Stack id of off-CPU time of a thread that was already off CPU when its
+/// process was registered; userspace shows the stack it read then.
+pub const STACK_BEFORE_START: u64 = u64::MAX;
+/// Stack id of an interval whose stack could not be captured (counted in
+/// `Stat::Lost` too, and shown as such rather than dropped).
+pub const STACK_UNKNOWN: u64 = u64::MAX - 1;
 
 /// Default capacity of [`SAMPLES_MAP`].
 pub const SAMPLES_DEFAULT_MAX: u32 = 32768;

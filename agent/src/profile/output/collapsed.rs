@@ -25,7 +25,7 @@ pub(crate) fn lines(profile: &Profile) -> BTreeMap<String, u64> {
         let stack: Vec<String> = profile
             .stack(s)
             .iter()
-            .map(|f| f.label().replace(';', ":"))
+            .map(|f| f.label().replace(';', ":").replace(['\n', '\r'], " "))
             .collect();
         *out.entry(stack.join(";")).or_default() += value;
     }

@@ -24,10 +24,10 @@ use aya_ebpf::{
 use pymedic_common::{
     errors::ErrorCode,
     profile::{
-        KIND_OFF_CPU, KIND_ON_CPU, OFFCPU_MAX, OffCpuStart, SAMPLES_DEFAULT_MAX, SampleKey,
-        SampleValue, Stat,
+        KIND_OFF_CPU, KIND_ON_CPU, OFFCPU_MAX, OffCpuStart, SAMPLES_DEFAULT_MAX,
+        STACK_BEFORE_START, STACK_UNKNOWN, SampleKey, SampleValue, Stat,
     },
-    pystack::{EMPTY_STACK_ID, STACK_TRUNCATED},
+    pystack::{EMPTY_STACK_ID, PY_PROCS_MAX, PY_THREADS_MAX, STACK_TRUNCATED},
 };
 use pymedic_ebpf::{
     errors::count,
@@ -40,6 +40,12 @@ static PROFILE_SAMPLES: HashMap<SampleKey, SampleValue> =
 
 #[map]
 static PROFILE_OFFCPU: HashMap<u32, OffCpuStart> = HashMap::with_max_entries(OFFCPU_MAX, 0);
+
+#[map]
+static PROFILE_SINCE: HashMap<u32, u64> = HashMap::with_max_entries(PY_PROCS_MAX, 0);
+
+#[map]
+static PROFILE_PENDING: HashMap<u32, u32> = HashMap::with_max_entries(PY_THREADS_MAX, 0);
 
 #[map]
 static PROFILE_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ErrorCode::COUNT, 0);
@@ -144,10 +150,10 @@ pub fn profile_switch(ctx: TracePointContext) -> u32 {
     // The outgoing task is the current one.
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    if tid != 0
-        && pystack::proc_info(tgid).is_some()
-        && let Some(stack_id) = capture(tgid, tid)
-    {
+    if tid != 0 && pystack::proc_info(tgid).is_some() {
+        let _ = PROFILE_PENDING.remove(tid);
+        // A lost capture still opens the interval, charged to STACK_UNKNOWN.
+        let stack_id = capture(tgid, tid).unwrap_or(STACK_UNKNOWN);
         let start = OffCpuStart {
             ktime_ns: now,
             stack_id,
@@ -172,6 +178,7 @@ pub fn profile_switch(ctx: TracePointContext) -> u32 {
     }
     // SAFETY: plain-data value, copied out before the remove below.
     let Some(start) = (unsafe { PROFILE_OFFCPU.get(next) }).copied() else {
+        first_switch_in(next, now);
         return 0;
     };
     let _ = PROFILE_OFFCPU.remove(next);
@@ -187,6 +194,30 @@ pub fn profile_switch(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// A thread present when its process was registered, switched in for the
+/// first time since: it was off CPU from registration until now.
+#[inline(always)]
+fn first_switch_in(tid: u32, now: u64) {
+    // SAFETY: plain-data values.
+    let Some(&tgid) = (unsafe { PROFILE_PENDING.get(tid) }) else {
+        return;
+    };
+    let _ = PROFILE_PENDING.remove(tid);
+    // SAFETY: plain-data value.
+    let Some(&since) = (unsafe { PROFILE_SINCE.get(tgid) }) else {
+        return;
+    };
+    stat(Stat::OffCpuIntervals);
+    let key = SampleKey {
+        stack_id: STACK_BEFORE_START,
+        pid: tgid,
+        tid,
+        kind: KIND_OFF_CPU,
+        _pad: 0,
+    };
+    add(&key, now.saturating_sub(since));
+}
+
 #[tracepoint(category = "sched", name = "sched_process_exit")]
 pub fn profile_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -194,6 +225,7 @@ pub fn profile_exit(_ctx: TracePointContext) -> u32 {
     if pystack::proc_info(tgid).is_some() {
         pystack::forget_thread(tid);
         let _ = PROFILE_OFFCPU.remove(tid);
+        let _ = PROFILE_PENDING.remove(tid);
     }
     0
 }

@@ -1,0 +1,302 @@
+//! Blocking calls inside `async def`: a call that blocks the thread
+//! (`time.sleep`, `requests.get`, `subprocess.run`, socket and file I/O,
+//! thread locks) made from a coroutine stops every other task on its event
+//! loop. Found directly in the coroutine, or through any chain of
+//! synchronous project functions it calls.
+
+use std::collections::HashMap;
+
+use pymedic_model::{Finding, Kind, Layer, Related, Severity};
+use serde_json::json;
+
+use crate::facts::AcquireVia;
+use crate::locks::resolved_acquires;
+use crate::report::finding;
+use crate::symbols::{Callee, FnId, LockFlavor, Program};
+
+/// How a blocking call is moved off the loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fix {
+    /// `time.sleep(x)` → `await asyncio.sleep(x)`.
+    AsyncSleep,
+    /// `f(args)` → `await asyncio.to_thread(f, args)`.
+    ToThread,
+    /// A thread lock taken in a coroutine: needs a redesign.
+    Review,
+}
+
+impl Fix {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fix::AsyncSleep => "asyncio.sleep",
+            Fix::ToThread => "asyncio.to_thread",
+            Fix::Review => "review",
+        }
+    }
+}
+
+/// Whether a qualified external callee blocks, and how badly.
+pub fn blocking_call(q: &str) -> Option<(Severity, Fix)> {
+    use Severity::*;
+    let (head, method) = q.rsplit_once('.').unwrap_or(("", q));
+    let net = |m: &str| {
+        matches!(
+            m,
+            "get" | "post" | "put" | "patch" | "delete" | "head" | "options" | "request" | "send"
+        )
+    };
+    Some(match q {
+        "time.sleep" => (High, Fix::AsyncSleep),
+        "urllib.request.urlopen"
+        | "socket.create_connection"
+        | "socket.getaddrinfo"
+        | "socket.gethostbyname"
+        | "socket.gethostbyaddr"
+        | "subprocess.run"
+        | "subprocess.call"
+        | "subprocess.check_call"
+        | "subprocess.check_output"
+        | "subprocess.getoutput"
+        | "subprocess.getstatusoutput"
+        | "os.system"
+        | "os.wait"
+        | "os.waitpid"
+        | "select.select"
+        | "input"
+        | "psycopg2.connect"
+        | "pymysql.connect"
+        | "sqlite3.connect"
+        | "smtplib.SMTP"
+        | "ftplib.FTP" => (High, Fix::ToThread),
+        "open" | "io.open" | "shutil.copy" | "shutil.copy2" | "shutil.copyfile"
+        | "shutil.copytree" | "shutil.rmtree" | "shutil.move" => (Medium, Fix::ToThread),
+        _ => match head {
+            "requests" | "requests.api" | "httpx" if net(method) => (High, Fix::ToThread),
+            "requests.Session" | "requests.sessions.Session" | "httpx.Client" if net(method) => {
+                (High, Fix::ToThread)
+            }
+            "socket.socket"
+                if matches!(
+                    method,
+                    "connect"
+                        | "recv"
+                        | "recv_into"
+                        | "recvfrom"
+                        | "send"
+                        | "sendall"
+                        | "sendto"
+                        | "accept"
+                ) =>
+            {
+                (High, Fix::ToThread)
+            }
+            "subprocess.Popen" if matches!(method, "wait" | "communicate") => (High, Fix::ToThread),
+            "sqlite3.Connection" | "sqlite3.Cursor"
+                if matches!(method, "execute" | "executemany" | "commit" | "fetchall") =>
+            {
+                (Medium, Fix::ToThread)
+            }
+            "threading.Event" | "threading.Condition" | "threading.Barrier" if method == "wait" => {
+                (High, Fix::ToThread)
+            }
+            "threading.Thread" if method == "join" => (High, Fix::ToThread),
+            "threading.Lock"
+            | "threading.RLock"
+            | "threading.Semaphore"
+            | "threading.BoundedSemaphore"
+                if method == "acquire" =>
+            {
+                (High, Fix::Review)
+            }
+            "queue.Queue" | "queue.LifoQueue" | "queue.PriorityQueue" | "queue.SimpleQueue"
+                if matches!(method, "get" | "put" | "join") =>
+            {
+                (High, Fix::ToThread)
+            }
+            "concurrent.futures.Future" if method == "result" => (High, Fix::ToThread),
+            "pathlib.Path"
+                if matches!(
+                    method,
+                    "read_text" | "read_bytes" | "write_text" | "write_bytes"
+                ) =>
+            {
+                (Medium, Fix::ToThread)
+            }
+            _ => return None,
+        },
+    })
+}
+
+#[derive(Clone)]
+struct Block {
+    what: String,
+    severity: Severity,
+    fix: Fix,
+    /// (function, line) from the first call down to the blocking call.
+    chain: Vec<(FnId, u32)>,
+}
+
+pub(crate) fn findings(p: &Program) -> Vec<Finding> {
+    let acquires = resolved_acquires(p);
+    let callees = p.callees();
+    // Direct blocking in every function.
+    let mut blocks: HashMap<FnId, Block> = HashMap::new();
+    let mut project_calls: HashMap<FnId, Vec<(FnId, u32)>> = HashMap::new();
+    for (i, (id, f)) in p.functions().enumerate() {
+        let mut pc = Vec::new();
+        for (c, callee) in f.calls.iter().zip(&callees[i]) {
+            match callee {
+                Callee::External(q) if !c.awaited => {
+                    if let Some((severity, fix)) = blocking_call(q)
+                        && !f.is_async
+                    {
+                        blocks.entry(id).or_insert(Block {
+                            what: q.clone(),
+                            severity,
+                            fix,
+                            chain: vec![(id, c.line)],
+                        });
+                    }
+                }
+                Callee::Project(g) if !c.awaited && *g != id => pc.push((*g, c.line)),
+                _ => {}
+            }
+        }
+        if !pc.is_empty() {
+            project_calls.insert(id, pc);
+        }
+    }
+    // Through synchronous project callees.
+    let ids: Vec<FnId> = p.functions().map(|(id, _)| id).collect();
+    for _ in 0..16 {
+        let mut changed = false;
+        for id in &ids {
+            if blocks.contains_key(id) || p.function(*id).is_async {
+                continue;
+            }
+            let Some(calls) = project_calls.get(id) else {
+                continue;
+            };
+            let found = calls.iter().find_map(|(g, line)| {
+                let b = blocks.get(g)?;
+                (!p.function(*g).is_async && b.chain.len() < 8).then(|| {
+                    let mut chain = vec![(*id, *line)];
+                    chain.extend(b.chain.iter().copied());
+                    Block { chain, ..b.clone() }
+                })
+            });
+            if let Some(b) = found {
+                blocks.insert(*id, b);
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    let mut out = Vec::new();
+    for (i, (id, f)) in p.functions().enumerate() {
+        if !f.is_async {
+            continue;
+        }
+        for (c, callee) in f.calls.iter().zip(&callees[i]) {
+            if c.awaited {
+                continue;
+            }
+            let block = match callee {
+                Callee::External(q) => blocking_call(q).map(|(severity, fix)| Block {
+                    what: q.clone(),
+                    severity,
+                    fix,
+                    chain: Vec::new(),
+                }),
+                Callee::Project(g) if !p.function(*g).is_async => blocks.get(g).cloned(),
+                _ => None,
+            };
+            if let Some(b) = block {
+                out.push(report(p, id, c.line, &c.callee.text(), c.start, c.end, b));
+            }
+        }
+        for (a, lock) in f.acquires.iter().zip(&acquires[i]) {
+            let Some(lock) = lock else { continue };
+            if a.via == AcquireVia::AsyncWith || lock.flavor == LockFlavor::Async || lock.guessed {
+                continue;
+            }
+            let b = Block {
+                what: format!("thread lock {}", lock.name),
+                severity: Severity::High,
+                fix: Fix::Review,
+                chain: Vec::new(),
+            };
+            out.push(report(p, id, a.line, &a.lock.text(), 0, 0, b));
+        }
+    }
+    out
+}
+
+fn report(
+    p: &Program,
+    coroutine: FnId,
+    line: u32,
+    callee_text: &str,
+    start: u32,
+    end: u32,
+    b: Block,
+) -> Finding {
+    let f = p.function(coroutine);
+    let file = &p.files[coroutine.file as usize].rel;
+    let mut related = vec![Related::new(
+        &p.location(coroutine, f.line),
+        format!("coroutine {} runs on the event loop", f.qualname),
+    )];
+    for (i, (fid, l)) in b.chain.iter().enumerate() {
+        let role = if i + 1 == b.chain.len() {
+            format!("blocking call {}", b.what)
+        } else {
+            format!("calls {}", p.function(b.chain[i + 1].0).qualname)
+        };
+        related.push(Related::new(&p.location(*fid, *l), role));
+    }
+    if b.chain.is_empty() {
+        related.push(Related::new(
+            &p.location(coroutine, line),
+            format!("blocking call {}", b.what),
+        ));
+    }
+    let transitive = !b.chain.is_empty();
+    let title = if transitive {
+        format!(
+            "coroutine {} calls {} which blocks the event loop in {}",
+            f.qualname, callee_text, b.what
+        )
+    } else {
+        format!("blocking call {} inside coroutine {}", b.what, f.qualname)
+    };
+    let mut finding = finding(
+        Layer::Structural,
+        Kind::BLOCKED_EVENT_LOOP,
+        b.severity,
+        if transitive { 0.7 } else { 0.9 },
+        title,
+        p.location(coroutine, line),
+        &format!("{callee_text}@{line}"),
+        format!(
+            "blocked_event_loop|{file}|{}|{callee_text}|{}",
+            f.qualname, b.what
+        ),
+        json!({
+            "coroutine": f.qualname,
+            "call": callee_text,
+            "blocking": b.what,
+            "fix": b.fix.as_str(),
+            "transitive": transitive,
+            "call_range": [start, end],
+            "chain": b.chain.iter().map(|(fid, l)| {
+                let loc = p.location(*fid, *l);
+                format!("{}:{}:{}", loc.file, loc.function, loc.line)
+            }).collect::<Vec<_>>(),
+        }),
+    );
+    finding.related = related;
+    finding
+}

@@ -1,0 +1,169 @@
+//! Runs an analysis: discover, parse and extract in parallel, then the
+//! whole-program passes.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use pymedic_model::Finding;
+
+use crate::facts::FileFacts;
+use crate::source::{self, SourceFile};
+use crate::symbols::Program;
+use crate::{AnalyzeError, ImportGraph, blocking, containers, imports, locks, report};
+
+/// What to run.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Worker threads for parsing (0: one per CPU).
+    pub threads: usize,
+    /// Called with (files done, files total) as parsing progresses.
+    pub progress: Option<fn(usize, usize)>,
+}
+
+/// The result of analysing a tree.
+pub struct Analysis {
+    pub root: PathBuf,
+    pub program: Program,
+    pub graph: ImportGraph,
+    pub findings: Vec<Finding>,
+    pub files: usize,
+    pub lines: u64,
+    pub bytes: u64,
+    pub parse_time: Duration,
+    pub total_time: Duration,
+}
+
+impl Analysis {
+    /// The finding with this id.
+    pub fn finding(&self, id: &str) -> Option<&Finding> {
+        self.findings.iter().find(|f| f.id.0 == id)
+    }
+}
+
+/// Analyses the Python files under `root` (a directory or one `.py` file).
+pub fn analyze(root: &Path, opts: &Options) -> Result<Analysis, AnalyzeError> {
+    let files = source::discover(root)?;
+    if files.is_empty() {
+        return Err(AnalyzeError::NoFiles {
+            path: root.to_path_buf(),
+        });
+    }
+    analyze_files(root, files, opts)
+}
+
+/// Analyses an explicit list of files (relative names and module names
+/// already set), e.g. a subset of a large tree.
+pub fn analyze_files(
+    root: &Path,
+    files: Vec<SourceFile>,
+    opts: &Options,
+) -> Result<Analysis, AnalyzeError> {
+    let started = Instant::now();
+    let (facts, bytes) = parse_all(&files, opts)?;
+    let parse_time = started.elapsed();
+    let lines = facts.iter().map(|f| u64::from(f.lines)).sum();
+    let program = Program::new(facts);
+    let graph = imports::graph(&program);
+    // Resolve every call once (two threads), then the passes side by side.
+    program.callees();
+    let p = &program;
+    let mut findings = std::thread::scope(|s| {
+        let locks = s.spawn(|| locks::findings(p));
+        let blocking = s.spawn(|| blocking::findings(p));
+        let mut out = report::syntax_errors(p);
+        out.extend(imports::cycle_findings(p, &graph));
+        out.extend(report::leak_findings(p));
+        out.extend(containers::findings(p));
+        for h in [locks, blocking] {
+            match h.join() {
+                Ok(f) => out.extend(f),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        out
+    });
+    findings.sort_by(|a, b| {
+        b.severity
+            .cmp(&a.severity)
+            .then_with(|| a.location.cmp(&b.location))
+            .then_with(|| a.kind.cmp(&b.kind))
+    });
+    findings.dedup_by(|a, b| a.id == b.id);
+    Ok(Analysis {
+        root: root.to_path_buf(),
+        program,
+        graph,
+        findings,
+        files: files.len(),
+        lines,
+        bytes,
+        parse_time,
+        total_time: started.elapsed(),
+    })
+}
+
+/// Parses and extracts every file on `opts.threads` workers. Workers get a
+/// large stack: deeply nested expressions recurse.
+fn parse_all(files: &[SourceFile], opts: &Options) -> Result<(Vec<FileFacts>, u64), AnalyzeError> {
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        opts.threads
+    }
+    .clamp(1, files.len().max(1));
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let results: Vec<Vec<(usize, FileFacts, u64)>> = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for i in 0..threads {
+            let handle = std::thread::Builder::new()
+                .name(format!("analyze-{i}"))
+                .stack_size(64 << 20)
+                .spawn_scoped(s, || {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(file) = files.get(i) else { break };
+                        let (facts, n) = parse_one(file);
+                        out.push((i, facts, n));
+                        let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+                        if let Some(p) = opts.progress {
+                            p(d, files.len());
+                        }
+                    }
+                    out
+                })
+                .map_err(AnalyzeError::Thread)?;
+            handles.push(handle);
+        }
+        Ok::<_, AnalyzeError>(
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect(),
+        )
+    })?;
+    let mut all: Vec<(usize, FileFacts, u64)> = results.into_iter().flatten().collect();
+    all.sort_by_key(|(i, _, _)| *i);
+    let bytes = all.iter().map(|(_, _, n)| n).sum();
+    Ok((all.into_iter().map(|(_, f, _)| f).collect(), bytes))
+}
+
+fn parse_one(file: &SourceFile) -> (FileFacts, u64) {
+    match std::fs::read(&file.path) {
+        Ok(bytes) => {
+            let n = bytes.len() as u64;
+            let text = String::from_utf8_lossy(&bytes);
+            (crate::extract::extract(file, &text), n)
+        }
+        Err(e) => {
+            let mut facts = crate::extract::extract(file, "");
+            facts.syntax_errors.push(crate::facts::SyntaxErrorFact {
+                line: 0,
+                message: format!("could not read the file: {e}"),
+            });
+            (facts, 0)
+        }
+    }
+}

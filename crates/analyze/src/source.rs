@@ -1,0 +1,250 @@
+//! Finding the Python files of a tree, naming their modules, and mapping
+//! byte offsets to 1-based lines.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::AnalyzeError;
+
+/// Directory names never descended into: caches, VCS, virtual environments,
+/// build output and pymedic's own state.
+const SKIP_DIRS: &[&str] = &[
+    "__pycache__",
+    "node_modules",
+    "site-packages",
+    "venv",
+    "env",
+    "build",
+    "dist",
+];
+
+/// One Python file to analyse.
+#[derive(Clone, Debug)]
+pub struct SourceFile {
+    /// Where to read it.
+    pub path: PathBuf,
+    /// Path relative to the analysed root, with `/` separators (the file's
+    /// name in findings).
+    pub rel: String,
+    /// Dotted module name (`pkg.sub.mod`, `pkg` for `pkg/__init__.py`).
+    pub module: String,
+    /// `__init__.py`.
+    pub is_package: bool,
+}
+
+/// Lists the `.py` files under `root` (or `root` itself when it is a file),
+/// sorted by relative path, with their module names. Hidden directories,
+/// caches and virtual environments are skipped; symlinked directories are
+/// not followed.
+pub fn discover(root: &Path) -> Result<Vec<SourceFile>, AnalyzeError> {
+    let meta = std::fs::metadata(root).map_err(|source| AnalyzeError::Read {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    let mut paths = Vec::new();
+    if meta.is_file() {
+        if root.extension().is_none_or(|e| e != "py") {
+            return Err(AnalyzeError::NotPython {
+                path: root.to_path_buf(),
+            });
+        }
+        paths.push(root.to_path_buf());
+    } else {
+        walk(root, &mut paths)?;
+    }
+    paths.sort();
+    let base = if meta.is_file() {
+        root.parent().unwrap_or(Path::new("")).to_path_buf()
+    } else {
+        root.to_path_buf()
+    };
+    let mut namer = ModuleNamer::default();
+    let files = paths
+        .into_iter()
+        .map(|path| {
+            let rel = path
+                .strip_prefix(&base)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .replace('\\', "/");
+            let is_package = path.file_name().is_some_and(|n| n == "__init__.py");
+            let module = namer.module_name(&path);
+            SourceFile {
+                path,
+                rel,
+                module,
+                is_package,
+            }
+        })
+        .collect();
+    Ok(files)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), AnalyzeError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| AnalyzeError::Read {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        let Ok(ft) = entry.file_type() else { continue };
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if ft.is_dir() {
+            if name.starts_with('.') || SKIP_DIRS.contains(&name.as_ref()) {
+                continue;
+            }
+            // A directory we cannot read is skipped, not fatal: the rest of
+            // the tree is still worth analysing.
+            let _ = walk(&entry.path(), out);
+        } else if (ft.is_file() || ft.is_symlink()) && name.ends_with(".py") {
+            out.push(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// Names modules the way the import system would: a file's package chain is
+/// every enclosing directory with an `__init__.py`.
+#[derive(Default)]
+struct ModuleNamer {
+    is_package_dir: HashMap<PathBuf, bool>,
+}
+
+impl ModuleNamer {
+    fn is_package(&mut self, dir: &Path) -> bool {
+        if let Some(&b) = self.is_package_dir.get(dir) {
+            return b;
+        }
+        let b = dir.join("__init__.py").is_file();
+        self.is_package_dir.insert(dir.to_path_buf(), b);
+        b
+    }
+
+    fn module_name(&mut self, file: &Path) -> String {
+        let stem = file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut parts = Vec::new();
+        if stem != "__init__" {
+            parts.push(stem);
+        }
+        let mut dir = file.parent().map(Path::to_path_buf);
+        while let Some(d) = dir {
+            if d.as_os_str().is_empty() || !self.is_package(&d) {
+                break;
+            }
+            match d.file_name() {
+                Some(n) => parts.push(n.to_string_lossy().into_owned()),
+                None => break,
+            }
+            dir = d.parent().map(Path::to_path_buf);
+        }
+        parts.reverse();
+        parts.join(".")
+    }
+}
+
+/// Byte offset → 1-based line.
+#[derive(Clone, Debug)]
+pub struct LineIndex {
+    starts: Vec<u32>,
+}
+
+impl LineIndex {
+    pub fn new(text: &str) -> LineIndex {
+        let mut starts = vec![0u32];
+        starts.extend(
+            memchr_newlines(text.as_bytes()).map(|i| u32::try_from(i + 1).unwrap_or(u32::MAX)),
+        );
+        LineIndex { starts }
+    }
+
+    /// The 1-based line holding byte `offset`.
+    pub fn line(&self, offset: u32) -> u32 {
+        match self.starts.binary_search(&offset) {
+            Ok(i) => i as u32 + 1,
+            Err(i) => i as u32,
+        }
+    }
+
+    /// Number of lines (a trailing newline does not start a new one).
+    pub fn count(&self, text: &str) -> u32 {
+        let n = self.starts.len() as u32;
+        if text.ends_with('\n') { n - 1 } else { n }
+    }
+
+    /// Byte offset where 1-based `line` starts.
+    pub fn line_start(&self, line: u32) -> u32 {
+        self.starts
+            .get(line.saturating_sub(1) as usize)
+            .copied()
+            .unwrap_or(u32::MAX)
+    }
+}
+
+fn memchr_newlines(bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    memchr::memchr_iter(b'\n', bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_one_based() {
+        let text = "a\nbb\n\nccc";
+        let idx = LineIndex::new(text);
+        assert_eq!(idx.line(0), 1);
+        assert_eq!(idx.line(2), 2);
+        assert_eq!(idx.line(5), 3);
+        assert_eq!(idx.line(6), 4);
+        assert_eq!(idx.count(text), 4);
+        assert_eq!(LineIndex::new("a\n").count("a\n"), 1);
+        assert_eq!(idx.line_start(2), 2);
+    }
+
+    #[test]
+    fn modules_follow_init_files() {
+        let dir = tempdir();
+        std::fs::create_dir_all(dir.join("pkg/sub")).unwrap();
+        std::fs::create_dir_all(dir.join(".venv")).unwrap();
+        for f in [
+            "pkg/__init__.py",
+            "pkg/a.py",
+            "pkg/sub/__init__.py",
+            "pkg/sub/b.py",
+            "top.py",
+            ".venv/x.py",
+        ] {
+            std::fs::write(dir.join(f), "").unwrap();
+        }
+        let files = discover(&dir).unwrap();
+        let names: Vec<_> = files
+            .iter()
+            .map(|f| (f.rel.as_str(), f.module.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("pkg/__init__.py", "pkg"),
+                ("pkg/a.py", "pkg.a"),
+                ("pkg/sub/__init__.py", "pkg.sub"),
+                ("pkg/sub/b.py", "pkg.sub.b"),
+                ("top.py", "top"),
+            ]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "pymedic-analyze-src-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}
