@@ -19,6 +19,9 @@ pub mod objects {
     /// CPU and off-CPU profiling (perf events, sched_switch) with the
     /// shared Python stack walker.
     pub static PROFILE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profile"));
+    /// Descriptors, threads, memory growth, GC pauses and container inserts
+    /// of Python processes, with the shared Python stack walker.
+    pub static RESOURCE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/resource"));
 }
 
 /// Errors of the eBPF subsystem.

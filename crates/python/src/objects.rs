@@ -218,9 +218,40 @@ impl<M: ProcessMemory> Interpreter<M> {
         self.keys_entries(b.u64_at(d.keys), values, max)
     }
 
+    /// The newest `(key, value)` pairs of a dict (insertion order, newest
+    /// last), at most `n`: cheap on a dict of any size.
+    pub fn dict_last_entries(&self, dict: u64, n: usize) -> Result<Vec<(u64, u64)>> {
+        let d = &self.layout.dict;
+        let b = self.mem.read_vec(dict, (d.values + 8) as usize)?;
+        self.keys_entries_tail(b.u64_at(d.keys), b.u64_at(d.values), usize::MAX, n)
+    }
+
+    /// The last `n` items of a list (newest appended last).
+    pub fn list_last_items(&self, obj: u64, n: usize) -> Result<Vec<u64>> {
+        let l = &self.layout.list;
+        let len = self.mem.read_u64(obj + u64::from(l.size))? as i64;
+        if len < 0 {
+            return Err(ReadError::invalid("list", obj, format!("size {len}")));
+        }
+        let take = (len as usize).min(n);
+        let items = self.ptr(obj + u64::from(l.items))?;
+        self.ptr_array(items + 8 * (len as usize - take) as u64, take)
+    }
+
     /// Entries of a `PyDictKeysObject`; with `values` non-zero, values come
     /// from that split-table array instead of the entries.
     fn keys_entries(&self, keys: u64, values: u64, max: usize) -> Result<Vec<(u64, u64)>> {
+        self.keys_entries_tail(keys, values, max, usize::MAX)
+    }
+
+    /// The first `max` entries, of which only the last `tail` are read.
+    fn keys_entries_tail(
+        &self,
+        keys: u64,
+        values: u64,
+        max: usize,
+        tail: usize,
+    ) -> Result<Vec<(u64, u64)>> {
         let k = &self.layout.dict_keys;
         let head = self.mem.read_vec(keys, k.dk_indices as usize)?;
         let nentries = head.i64_at(k.dk_nentries);
@@ -268,14 +299,17 @@ impl<M: ProcessMemory> Interpreter<M> {
                 k.unicode_entry_value.unwrap_or(8),
             )
         };
-        let entries_at = keys + u64::from(k.dk_indices) + index_bytes;
+        let skip = n.saturating_sub(tail);
+        let n = n - skip;
+        let entries_at =
+            keys + u64::from(k.dk_indices) + index_bytes + (skip as u64) * u64::from(size);
         let raw = if n == 0 {
             Vec::new()
         } else {
             self.mem.read_vec(entries_at, n * size as usize)?
         };
         let split_values = if values != 0 && n > 0 {
-            let at = values + u64::from(k.values_items.unwrap_or(0));
+            let at = values + u64::from(k.values_items.unwrap_or(0)) + 8 * skip as u64;
             Some(self.ptr_array(at, n)?)
         } else {
             None

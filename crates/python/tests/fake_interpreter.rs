@@ -191,3 +191,34 @@ fn thread_names_and_instance_attributes() {
         assert!(interp.memory().read_u64(f.runtime).is_ok());
     }
 }
+
+#[test]
+fn newest_dict_entries_and_list_items() {
+    for l in LAYOUTS {
+        let v = format!("3.{}", l.version.1);
+        let mut f = FakeInterp::new(l);
+        let entries: Vec<(u64, u64)> = (0..40)
+            .map(|i| {
+                let k = f.str(&format!("k{i}"));
+                let val = f.int(i);
+                (k, val)
+            })
+            .collect();
+        let d = f.dict(&entries);
+        let items: Vec<u64> = (0..9).map(|i| f.int(100 + i)).collect();
+        let lst = f.object("list", (l.list.items + 8) as usize);
+        let arr = f.alloc(8 * items.len());
+        for (i, it) in items.iter().enumerate() {
+            f.put_u64(arr + 8 * i as u64, *it);
+        }
+        f.put_u64(lst + u64::from(l.list.size), items.len() as u64);
+        f.put_u64(lst + u64::from(l.list.items), arr);
+        let interp = f.interpreter();
+        let tail = interp.dict_last_entries(d, 3).unwrap();
+        assert_eq!(tail, entries[37..].to_vec(), "{v}");
+        assert_eq!(interp.dict_last_entries(d, 100).unwrap().len(), 40, "{v}");
+        assert_eq!(interp.dict_entries(d, 1000).unwrap(), entries, "{v}");
+        assert_eq!(interp.list_last_items(lst, 2).unwrap(), items[7..].to_vec());
+        assert_eq!(interp.list_last_items(lst, 50).unwrap(), items);
+    }
+}

@@ -11,6 +11,8 @@
  *   - Modules/_threadmodule.c: lockobject, rlockobject (3.8-3.13)
  *   - Objects/dict-common.h:   PyDictKeysObject, PyDictKeyEntry (3.8-3.10)
  *   - Objects/frameobject.c:   nothing (PyFrameObject is in the headers)
+ *   - Modules/_collectionsmodule.c: the head of dequeobject (3.8-3.13)
+ *   - Modules/_functoolsmodule.c:   the head of lru_cache_object (3.8-3.13)
  */
 #define Py_BUILD_CORE 1
 #include <Python.h>
@@ -47,6 +49,35 @@ typedef struct {
     unsigned long rlock_count;
     PyObject *in_weakreflist;
 } pm_rlockobject;
+
+/* ---- private to Modules/_collectionsmodule.c, identical in 3.8 .. 3.13 ---- */
+typedef struct {
+    PyObject_VAR_HEAD
+    void *leftblock;
+    void *rightblock;
+    Py_ssize_t leftindex;
+    Py_ssize_t rightindex;
+    size_t state;
+    Py_ssize_t maxlen;
+} pm_dequeobject;
+
+/* ---- private to Modules/_functoolsmodule.c, identical in 3.8 .. 3.13 ---- */
+typedef struct pm_lru_list_elem {
+    PyObject_HEAD
+    struct pm_lru_list_elem *prev, *next;
+    Py_hash_t hash;
+    PyObject *key, *result;
+} pm_lru_list_elem;
+
+typedef struct {
+    pm_lru_list_elem root;
+    void *wrapper;
+    int typed;
+    PyObject *cache;
+    Py_ssize_t hits;
+    PyObject *func;
+    Py_ssize_t maxsize;
+} pm_lru_cache_object;
 
 #if PY_VERSION_HEX < 0x030B0000
 /* ---- private to Objects/dict-common.h, identical in 3.8 .. 3.10 ---- */
@@ -474,6 +505,34 @@ int main(void) {
     u("rlock_lock", OFF(pm_rlockobject, rlock_lock));
     u("rlock_owner", OFF(pm_rlockobject, rlock_owner));
     u("rlock_count", OFF(pm_rlockobject, rlock_count));
+    end();
+
+    section("gc", "GcLayout");
+#if PY_VERSION_HEX < 0x03090000
+    flag("in_runtime", 1);
+    u("state", OFF(_PyRuntimeState, gc));
+#else
+    flag("in_runtime", 0);
+    u("state", OFF(PyInterpreterState, gc));
+#endif
+    u("enabled", OFF(struct _gc_runtime_state, enabled));
+    u("collecting", OFF(struct _gc_runtime_state, collecting));
+    u("generations", OFF(struct _gc_runtime_state, generations));
+    u("generation_size", sizeof(struct gc_generation));
+    u("generation_threshold", OFF(struct gc_generation, threshold));
+    u("generation_count", OFF(struct gc_generation, count));
+    u("stats", OFF(struct _gc_runtime_state, generation_stats));
+    u("stats_size", sizeof(struct gc_generation_stats));
+    u("stats_collections", OFF(struct gc_generation_stats, collections));
+    u("stats_collected", OFF(struct gc_generation_stats, collected));
+    u("stats_uncollectable", OFF(struct gc_generation_stats, uncollectable));
+    end();
+
+    section("containers", "ContainerLayout");
+    u("set_used", OFF(PySetObject, used));
+    u("deque_maxlen", OFF(pm_dequeobject, maxlen));
+    u("lru_cache", OFF(pm_lru_cache_object, cache));
+    u("lru_maxsize", OFF(pm_lru_cache_object, maxsize));
     end();
 
 #if PY_VERSION_HEX >= 0x030D0000

@@ -16,8 +16,10 @@
 
 pub mod cpu_hotspot;
 pub mod deadlock;
+pub mod fd_leak;
 pub mod registry;
 pub mod scheduler;
+pub mod thread_leak;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,4 +164,6 @@ pub type Constructor = fn(&Settings) -> Result<Arc<dyn Detector>, DetectError>;
 pub const BUILTIN: &[(&str, Constructor)] = &[
     ("deadlock", deadlock::new),
     ("cpu_hotspot", cpu_hotspot::new),
+    ("fd_leak", fd_leak::new),
+    ("thread_leak", thread_leak::new),
 ];

@@ -98,6 +98,9 @@ type CheckOutcome = (
     Option<Box<dyn Watch>>,
     bool,
     Result<Option<Vec<Finding>>, DetectError>,
+    // CPU spent starting the watch (loading eBPF, reading ELF files): a
+    // one-time cost, counted in the stats but not in the spacing.
+    u64,
 );
 
 struct Done {
@@ -108,6 +111,7 @@ struct Done {
     started: bool,
     result: Result<Option<Vec<Finding>>, DetectError>,
     cost_ns: u64,
+    setup_ns: u64,
     at: Timestamp,
 }
 
@@ -263,9 +267,9 @@ impl Scheduler {
             tokio::task::spawn_blocking(move || {
                 let at = pymedic_model::now();
                 let t0 = thread_cpu_ns();
-                let (watch, started, result) =
+                let (watch, started, result, setup_ns) =
                     run_check(&entry, &info, watch, started, at, since_last);
-                let cost_ns = thread_cpu_ns().saturating_sub(t0);
+                let cost_ns = thread_cpu_ns().saturating_sub(t0).saturating_sub(setup_ns);
                 let _ = done_tx.send(Done {
                     target: id,
                     slot,
@@ -274,6 +278,7 @@ impl Scheduler {
                     started,
                     result,
                     cost_ns,
+                    setup_ns,
                     at,
                 });
             });
@@ -287,7 +292,7 @@ impl Scheduler {
         entry
             .stats
             .cpu_ns
-            .fetch_add(done.cost_ns, Ordering::Relaxed);
+            .fetch_add(done.cost_ns + done.setup_ns, Ordering::Relaxed);
         let Some(t) = self.targets.get_mut(&done.target) else {
             return; // removed while the check ran: drop its result
         };
@@ -309,7 +314,7 @@ impl Scheduler {
             let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
             let st = stats.entry(id).or_default();
             st.checks += 1;
-            st.cpu_ns += done.cost_ns;
+            st.cpu_ns += done.cost_ns + done.setup_ns;
             st.backing_off = busy_level > 0;
         }
         let Some(s) = t.slots.get_mut(done.slot) else {
@@ -382,18 +387,22 @@ fn run_check(
     now: Timestamp,
     since_last: Duration,
 ) -> CheckOutcome {
+    let mut setup_ns = 0;
     if !started {
-        match entry.detector.watch(info) {
+        let t0 = thread_cpu_ns();
+        let made = entry.detector.watch(info);
+        setup_ns = thread_cpu_ns().saturating_sub(t0);
+        match made {
             Ok(Some(w)) => {
                 watch = Some(w);
                 started = true;
             }
-            Ok(None) => return (None, false, Ok(None)),
-            Err(e) => return (None, false, Err(e)),
+            Ok(None) => return (None, false, Ok(None), setup_ns),
+            Err(e) => return (None, false, Err(e), setup_ns),
         }
     }
     let Some(w) = watch.as_mut() else {
-        return (None, started, Ok(None));
+        return (None, started, Ok(None), setup_ns);
     };
     let cx = CheckContext {
         target: info,
@@ -401,7 +410,7 @@ fn run_check(
         since_last,
     };
     let result = w.check(&cx).map(Some);
-    (watch, started, result)
+    (watch, started, result, setup_ns)
 }
 
 /// The delay until a slot's next check.

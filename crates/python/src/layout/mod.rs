@@ -61,6 +61,8 @@ pub struct Layout {
     pub float: FloatLayout,
     pub gil: GilLayout,
     pub lock: LockLayout,
+    pub gc: GcLayout,
+    pub containers: ContainerLayout,
     /// Where 3.13's `_Py_DebugOffsets` (at `_PyRuntime.debug_offsets`)
     /// keeps the offsets it publishes; used to cross-check this table
     /// against a live interpreter.
@@ -384,6 +386,48 @@ pub struct LockLayout {
     /// `unsigned long`: owner's `pthread_t`, 0 when free.
     pub rlock_owner: u32,
     pub rlock_count: u32,
+}
+
+/// `struct _gc_runtime_state`: the cyclic garbage collector's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GcLayout {
+    /// The state is `_PyRuntimeState.gc` (3.8) rather than
+    /// `PyInterpreterState.gc` (3.9+).
+    pub in_runtime: bool,
+    /// Offset of the state in `_PyRuntimeState` or `PyInterpreterState`.
+    pub state: u32,
+    /// `int`: `gc.isenabled()`.
+    pub enabled: u32,
+    /// `int`: 1 while a collection runs.
+    pub collecting: u32,
+    /// `struct gc_generation generations[3]`.
+    pub generations: u32,
+    pub generation_size: u32,
+    pub generation_threshold: u32,
+    /// Allocations (generation 0) or younger collections since its last
+    /// collection.
+    pub generation_count: u32,
+    /// `struct gc_generation_stats generation_stats[3]`.
+    pub stats: u32,
+    pub stats_size: u32,
+    pub stats_collections: u32,
+    pub stats_collected: u32,
+    pub stats_uncollectable: u32,
+}
+
+/// Containers whose length or bound pymedic reads: `PySetObject`, and the
+/// heads of `collections.deque` and `functools._lru_cache_wrapper`
+/// (private to their modules; restated in the generator).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerLayout {
+    /// `Py_ssize_t used`: the set's length.
+    pub set_used: u32,
+    /// `Py_ssize_t maxlen` (-1: unbounded).
+    pub deque_maxlen: u32,
+    /// `PyObject *cache`: the cache's dict.
+    pub lru_cache: u32,
+    /// `Py_ssize_t maxsize` (-1: unbounded).
+    pub lru_maxsize: u32,
 }
 
 /// Offsets *inside* `_Py_DebugOffsets` (3.13+) of the values it publishes.

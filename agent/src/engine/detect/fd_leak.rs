@@ -1,0 +1,307 @@
+//! `fd_leak`: descriptors opened at one line and never closed.
+//!
+//! The shared `resource` eBPF object sees every call that makes a
+//! descriptor (open/openat/openat2, socket, accept/accept4, dup/dup2/dup3,
+//! `fcntl(F_DUPFD*)`, pipe/pipe2, socketpair, eventfd, epoll_create,
+//! timerfd, signalfd, memfd, inotify, pidfd, ...) with the Python stack of
+//! the calling thread, and every `close`/`close_range`; per process it keeps
+//! live descriptors by open site. Only the target's own system calls
+//! count, so descriptors a forked child inherits and closes, or an exec'd
+//! child, change nothing.
+//!
+//! Each check reads the live count of every site (stacks grouped by their
+//! application line); a site whose count grows steadily over the window
+//! (trend test, see `resource::trend`) is a leak and stays one while its
+//! descriptors stay open. Evidence: what the newest descriptors point to
+//! (paths, socket endpoints from the process's `/proc/PID/net`), the
+//! growth rate, the process's open descriptors and `RLIMIT_NOFILE`, and
+//! when `EMFILE` comes at this rate. When the source is readable through
+//! `/proc/PID/root`, the structural layer names the exit path that skips
+//! the close (`related` entries with role `static: ...`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pymedic_analyze::enrich::Enricher;
+use pymedic_common::resource::{FEAT_FD, SITE_FD};
+use pymedic_model::{Finding, Kind, Layer, Location, Related, Severity};
+use serde_json::json;
+
+use super::{CheckContext, DetectError, Detector, Settings, Watch};
+use crate::engine::targets::TargetInfo;
+use crate::resource::session::{self, Session, SessionConfig};
+use crate::resource::sites::{self, SiteCounts, SiteTracker};
+use crate::resource::trend::{self, Rule};
+use crate::resource::{ResourceError, fdinfo};
+
+const NAME: &str = "fd_leak";
+
+#[derive(Clone, Copy, Debug)]
+struct Params {
+    window: Duration,
+    min_growth: u64,
+    min_z: f64,
+    max_findings: usize,
+}
+
+pub struct FdLeak {
+    params: Params,
+    enricher: Arc<Enricher>,
+}
+
+/// `[detectors.fd_leak]`: `interval` (2s), `window` (60s), `min_growth`
+/// (20 descriptors), `min_z` (3.0), `max_findings` (5).
+pub fn new(s: &Settings) -> Result<Arc<dyn Detector>, DetectError> {
+    s.only(&["window", "min_growth", "min_z", "max_findings"])?;
+    Ok(Arc::new(FdLeak {
+        params: Params {
+            window: s.duration("window", Duration::from_secs(60))?,
+            min_growth: s.uint("min_growth", 20)?.max(2),
+            min_z: s.float("min_z", 3.0)?,
+            max_findings: s.uint("max_findings", 5)? as usize,
+        },
+        enricher: Arc::new(Enricher::new()),
+    }))
+}
+
+/// Starts (or joins) the shared session for `features` of `target`;
+/// `Ok(None)` without eBPF privileges.
+pub(super) fn join_session(
+    detector: &'static str,
+    target: &TargetInfo,
+    features: u32,
+) -> Result<Option<Arc<Mutex<Session>>>, DetectError> {
+    let s = match session::shared(SessionConfig::default()) {
+        Ok(s) => s,
+        Err(e) if e.is_permission() => {
+            tracing::warn!("{detector} needs eBPF (CAP_BPF, CAP_PERFMON): {e}; detector off");
+            return Ok(None);
+        }
+        Err(e) => return Err(err(detector, "start the resource eBPF object", e)),
+    };
+    s.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .add(target, features)
+        .map_err(|e| err(detector, "track the process", e))?;
+    Ok(Some(s))
+}
+
+pub(super) fn err(
+    detector: &'static str,
+    op: &'static str,
+    e: impl std::fmt::Display,
+) -> DetectError {
+    DetectError::Check {
+        detector,
+        op,
+        message: e.to_string(),
+    }
+}
+
+impl Detector for FdLeak {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn layer(&self) -> Layer {
+        Layer::Resource
+    }
+
+    fn kinds(&self) -> Vec<Kind> {
+        vec![Kind::FD_LEAK]
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_secs(2)
+    }
+
+    fn watch(&self, target: &TargetInfo) -> Result<Option<Box<dyn Watch>>, DetectError> {
+        let Some(session) = join_session(NAME, target, FEAT_FD)? else {
+            return Ok(None);
+        };
+        Ok(Some(Box::new(FdWatch {
+            pid: target.id.pid,
+            params: self.params,
+            session,
+            enricher: self.enricher.clone(),
+            tracker: SiteTracker::new(),
+            epoch: Instant::now(),
+            statics: HashMap::new(),
+        })))
+    }
+}
+
+struct FdWatch {
+    pid: u32,
+    params: Params,
+    session: Arc<Mutex<Session>>,
+    enricher: Arc<Enricher>,
+    tracker: SiteTracker,
+    epoch: Instant,
+    /// Static explanations by site, computed once.
+    statics: HashMap<Location, Vec<Related>>,
+}
+
+impl Drop for FdWatch {
+    fn drop(&mut self) {
+        self.session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(self.pid, FEAT_FD);
+    }
+}
+
+impl Watch for FdWatch {
+    fn check(&mut self, cx: &CheckContext<'_>) -> Result<Vec<Finding>, DetectError> {
+        let t = self.epoch.elapsed().as_secs_f64();
+        let aggregates = {
+            let mut s = self.session.lock().unwrap_or_else(|e| e.into_inner());
+            s.poll()
+                .map_err(|e: ResourceError| err(NAME, "read the eBPF maps", e))?;
+            let views = s.sites(self.pid, SITE_FD);
+            let counts: Vec<SiteCounts<'_>> = views
+                .iter()
+                .map(|v| SiteCounts {
+                    frames: &v.frames,
+                    opened: v.value.opened,
+                    closed: v.value.closed,
+                    recent: &v.value.recent,
+                    next: v.value.next,
+                })
+                .collect();
+            sites::aggregate(&counts, "opened inside")
+        };
+        self.tracker.observe(t, &aggregates);
+        let rule = Rule {
+            min_points: 5,
+            min_span: 8.0,
+            min_z: self.params.min_z,
+            min_net: self.params.min_growth as f64,
+            min_late_share: 0.25,
+        };
+        let mut leaks = self
+            .tracker
+            .leaks(&aggregates, &rule, self.params.window.as_secs_f64());
+        leaks.sort_by(|a, b| b.site.live.cmp(&a.site.live));
+        leaks.truncate(self.params.max_findings);
+        if leaks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let open_now = fdinfo::count(self.pid);
+        let limit = fdinfo::nofile_limit(self.pid);
+        let needs_sockets =
+            leaks.iter().any(|l| {
+                l.site.recent.iter().take(4).any(|fd| {
+                    fdinfo::target(self.pid, *fd).is_some_and(|t| t.starts_with("socket:"))
+                })
+            });
+        let sockets = if needs_sockets {
+            fdinfo::sockets(self.pid)
+        } else {
+            HashMap::new()
+        };
+        // Every leaking site drains the same descriptor table.
+        let total_rate: f64 = leaks.iter().map(|l| l.trend.slope.max(0.0)).sum();
+        let mut out = Vec::new();
+        for leak in leaks {
+            let site = &leak.site;
+            let mut targets = Vec::new();
+            for &fd in site.recent.iter().take(4) {
+                if let Some(link) = fdinfo::target(self.pid, fd) {
+                    targets.push(json!({"fd": fd, "target": fdinfo::describe(&link, &sockets)}));
+                }
+            }
+            let rate = leak.trend.slope.max(0.0);
+            let eta = match (open_now, limit) {
+                (Some(open), Some(limit)) if total_rate > 0.0 && limit > open => {
+                    Some((limit - open) as f64 / total_rate)
+                }
+                (Some(open), Some(limit)) if limit <= open => Some(0.0),
+                _ => None,
+            };
+            let severity = match eta {
+                Some(s) if s < 600.0 => Severity::High,
+                Some(s) if s < 86_400.0 => Severity::Medium,
+                _ => Severity::Low,
+            };
+            let what = targets
+                .first()
+                .and_then(|t| t["target"].as_str())
+                .map(|t| format!(" ({t}, ...)"))
+                .unwrap_or_default();
+            let mut title = format!(
+                "{} descriptors opened at {} are still open, +{:.1}/s{}",
+                site.live,
+                sites::short(&site.location),
+                rate,
+                what
+            );
+            if let Some(eta) = eta {
+                title.push_str(&format!("; EMFILE in ~{}", human(eta)));
+            }
+            let mut f = Finding::new(
+                Layer::Resource,
+                Kind::FD_LEAK,
+                severity,
+                trend::confidence(&leak.trend),
+                title,
+                Some(cx.target.model()),
+                site.location.clone(),
+            );
+            if let Some(inner) = &site.inner {
+                f.related.push(inner.clone());
+            }
+            f.stacks
+                .push(sites::stack("open site", 0, site.stack.clone()));
+            f.evidence = json!({
+                "live": site.live,
+                "opened": site.opened,
+                "closed": site.closed,
+                "growth_per_second": round(rate, 2),
+                "window_seconds": round(leak.trend.span, 1),
+                "trend_z": round(leak.trend.z, 2),
+                "live_over_time": leak.points.iter().rev().take(20).rev()
+                    .map(|(t, v)| json!([round(*t, 1), *v as u64])).collect::<Vec<_>>(),
+                "recent": targets,
+                "process_open_fds": open_now,
+                "rlimit_nofile": limit,
+                "seconds_to_emfile": eta.map(|e| round(e, 0)),
+            });
+            let statics = match self.statics.get(&site.location) {
+                Some(s) => s.clone(),
+                None => {
+                    let root = PathBuf::from(format!("/proc/{}/root", self.pid));
+                    // Only what the analysis says about the leaking function
+                    // (a file-level match would drag in its neighbours).
+                    let s: Vec<Related> = self
+                        .enricher
+                        .explain(&f, &root)
+                        .unwrap_or_else(|e| {
+                            tracing::debug!(pid = self.pid, "static analysis: {e}");
+                            Vec::new()
+                        })
+                        .into_iter()
+                        .filter(|r| sites::same_function(&r.function, &site.location.function))
+                        .collect();
+                    self.statics.insert(site.location.clone(), s.clone());
+                    s
+                }
+            };
+            f.related.extend(statics);
+            out.push(f);
+        }
+        Ok(out)
+    }
+}
+
+pub(super) fn round(v: f64, digits: i32) -> f64 {
+    let p = 10f64.powi(digits);
+    (v * p).round() / p
+}
+
+/// "3m", "2h", "45s".
+pub(super) fn human(secs: f64) -> String {
+    crate::procinfo::human_duration(secs.max(0.0))
+}
