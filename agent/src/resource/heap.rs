@@ -564,3 +564,117 @@ mod tests {
         assert_eq!(word(got[2].as_ref().unwrap(), 0), 5);
     }
 }
+
+/// What the newest entries of a growing container are made of.
+#[derive(Clone, Debug, Default)]
+pub struct Retained {
+    /// Entries looked at.
+    pub entries: usize,
+    /// Objects found in them (keys, values, their direct contents).
+    pub objects: usize,
+    /// Addresses of those objects and of their out-of-line storage (dict
+    /// tables, list arrays): the pages the retained bytes live in.
+    pub addrs: Vec<u64>,
+    /// Type names of the values, with counts, most common first.
+    pub types: Vec<(String, usize)>,
+    /// Where function objects among the values were created (their code's
+    /// first line: the `lambda`/`def` that made each closure), with counts.
+    pub functions: Vec<(pymedic_model::Location, usize)>,
+}
+
+impl HeapScanner {
+    /// Looks at the newest `n` entries of `c` and what they hold.
+    pub fn retained(&self, c: &Container, n: usize) -> Retained {
+        let mut r = Retained::default();
+        let objs = self.newest(c, n);
+        let values: Vec<u64> = match c.kind {
+            // newest() gives (value, key) pairs flattened: values at even slots.
+            Kind::Dict => objs.iter().step_by(2).copied().collect(),
+            _ => objs.clone(),
+        };
+        r.entries = values.len();
+        let mut types: HashMap<String, usize> = HashMap::new();
+        let mut functions: HashMap<pymedic_model::Location, usize> = HashMap::new();
+        for &obj in &objs {
+            if obj == 0 {
+                continue;
+            }
+            r.objects += 1;
+            r.addrs.push(obj);
+        }
+        for &v in &values {
+            let Ok(ty) = self.interp.type_of(v) else {
+                continue;
+            };
+            let Ok(info) = self.interp.type_info(ty) else {
+                continue;
+            };
+            *types.entry(info.name.clone()).or_default() += 1;
+            for child in self.children(v, &info.name) {
+                if child != 0 {
+                    r.objects += 1;
+                    r.addrs.push(child);
+                }
+            }
+            if info.name == "function"
+                && let Ok(code) = self
+                    .interp
+                    .memory()
+                    .read_u64(v + u64::from(self.layout.function.code))
+                && let Ok(code) = self.interp.code(code)
+            {
+                let loc = pymedic_model::Location::new(
+                    code.filename.clone(),
+                    code.function().to_string(),
+                    code.first_line,
+                );
+                *functions.entry(loc).or_default() += 1;
+            }
+        }
+        r.types = types.into_iter().collect();
+        r.types.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        r.functions = functions.into_iter().collect();
+        r.functions.sort_by(|a, b| b.1.cmp(&a.1));
+        r
+    }
+
+    /// An object's direct contents and out-of-line storage.
+    fn children(&self, obj: u64, type_name: &str) -> Vec<u64> {
+        let mem = self.interp.memory();
+        let mut out = Vec::new();
+        match type_name {
+            "dict" => {
+                if let Ok(keys) = mem.read_u64(obj + u64::from(self.layout.dict.keys)) {
+                    out.push(keys);
+                }
+                for (k, v) in self.interp.dict_last_entries(obj, 8).unwrap_or_default() {
+                    out.extend([k, v]);
+                }
+            }
+            "list" => {
+                if let Ok(items) = mem.read_u64(obj + u64::from(self.layout.list.items)) {
+                    out.push(items);
+                }
+                out.extend(self.interp.list_last_items(obj, 8).unwrap_or_default());
+            }
+            "tuple" => out.extend(self.interp.tuple_items(obj, 16).unwrap_or_default()),
+            "function" => {
+                if let Ok(closure) = mem.read_u64(obj + u64::from(self.layout.function.closure))
+                    && closure != 0
+                {
+                    for cell in self.interp.tuple_items(closure, 16).unwrap_or_default() {
+                        out.push(cell);
+                        if let Ok(v) = self.interp.cell_contents(cell) {
+                            out.push(v);
+                        }
+                    }
+                }
+            }
+            _ => {
+                let attrs = self.interp.instance_attrs(obj).unwrap_or_default();
+                out.extend(attrs.into_iter().take(8).map(|(_, v)| v));
+            }
+        }
+        out
+    }
+}

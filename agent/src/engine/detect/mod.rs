@@ -17,6 +17,7 @@
 pub mod cpu_hotspot;
 pub mod deadlock;
 pub mod fd_leak;
+pub mod memory_leak;
 pub mod registry;
 pub mod scheduler;
 pub mod thread_leak;
@@ -164,6 +165,7 @@ pub type Constructor = fn(&Settings) -> Result<Arc<dyn Detector>, DetectError>;
 pub const BUILTIN: &[(&str, Constructor)] = &[
     ("deadlock", deadlock::new),
     ("cpu_hotspot", cpu_hotspot::new),
+    ("memory_leak", memory_leak::new),
     ("fd_leak", fd_leak::new),
     ("thread_leak", thread_leak::new),
 ];

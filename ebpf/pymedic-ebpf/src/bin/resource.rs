@@ -798,14 +798,24 @@ pub fn res_gc_sample(_ctx: PerfEventContext) -> u32 {
 // ---- container inserts (hardware watchpoints) ----
 
 /// A write watchpoint on a container's length field fired: the current
-/// thread is inserting into (or removing from) it. Returns 1 so the
-/// kernel's overflow limit (`PERF_EVENT_IOC_REFRESH`) counts the hit and
-/// disarms the watchpoint after the few hits userspace asked for.
-#[perf_event]
-pub fn res_watch(ctx: PerfEventContext) -> u32 {
+/// thread is inserting into (or removing from) it.
+///
+/// Written without `#[perf_event]`, whose wrapper always returns 0: the
+/// program must return 1 for the kernel to count the hit against the
+/// event's overflow limit (`PERF_EVENT_IOC_REFRESH`), which disarms the
+/// watchpoint after the few hits userspace asked for.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "perf_event")]
+pub fn res_watch(ctx: *mut core::ffi::c_void) -> u32 {
+    watch_hit(PerfEventContext::new(ctx.cast()));
+    1
+}
+
+#[inline(always)]
+fn watch_hit(ctx: PerfEventContext) {
     let (tgid, tid) = current();
     if tracked(tgid, FEAT_WATCH).is_none() {
-        return 1;
+        return;
     }
     // SAFETY: the context is the kernel's bpf_perf_event_data; `addr` is
     // the breakpoint's data address.
@@ -820,16 +830,15 @@ pub fn res_watch(ctx: PerfEventContext) -> u32 {
     for _ in 0..2 {
         if let Some(v) = RES_WATCH.get_ptr_mut(&key) {
             add(v, 1);
-            return 1;
+            return;
         }
         match RES_WATCH.insert(&key, &1, BPF_NOEXIST as u64) {
-            Ok(()) => return 1,
+            Ok(()) => return,
             Err(-17) => continue,
             Err(_) => break,
         }
     }
     lost(ErrorCode::MapFull);
-    1
 }
 
 #[cfg(not(test))]
