@@ -32,6 +32,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "`pymedic dump --native` unwinds native stacks with libunwind-ptrace",
     ),
     (
+        "libc6-dbg",
+        "libc's symbols for native_memory_leak (which libc routine wrote new memory)",
+    ),
+    (
         "build-essential",
         "a C compiler for `cargo xtask codegen layouts`",
     ),

@@ -78,7 +78,7 @@ impl NativeSymbolizer {
         let table = self
             .tables
             .entry(host.clone())
-            .or_insert_with(|| load(&host).map(Arc::new))
+            .or_insert_with(|| load(pid, &host).map(Arc::new))
             .clone();
         let file_off = ip - m.start + m.offset;
         let function = match table {
@@ -103,18 +103,39 @@ fn lookup(symbols: &[(u64, u64, String)], addr: u64) -> Option<String> {
     (addr >= *start && (addr < *end || *end == *start)).then(|| name.clone())
 }
 
-fn load(path: &std::path::Path) -> Option<SymbolTable> {
-    let data = std::fs::read(path).ok()?;
-    let obj = object::File::parse(&*data).ok()?;
-    let mut symbols: Vec<(u64, u64, String)> = obj
-        .symbols()
+/// Text symbols of an object file.
+fn text_symbols(obj: &object::File<'_>) -> Vec<(u64, u64, String)> {
+    obj.symbols()
         .chain(obj.dynamic_symbols())
         .filter(|s| s.kind() == object::SymbolKind::Text && s.address() != 0)
         .filter_map(|s| {
             let name = s.name().ok()?;
             Some((s.address(), s.address() + s.size(), name.to_string()))
         })
-        .collect();
+        .collect()
+}
+
+/// The file's symbols, plus those of its separate debug file
+/// (`/usr/lib/debug/.build-id/xx/yyyy.debug` in the target's filesystem,
+/// e.g. Debian's `libc6-dbg`) when there is one.
+fn load(pid: u32, path: &std::path::Path) -> Option<SymbolTable> {
+    let data = std::fs::read(path).ok()?;
+    let obj = object::File::parse(&*data).ok()?;
+    let mut symbols = text_symbols(&obj);
+    if let Ok(Some(id)) = obj.build_id()
+        && id.len() > 1
+    {
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let debug = maps::host_path(
+            pid,
+            &format!("/usr/lib/debug/.build-id/{}/{}.debug", &hex[..2], &hex[2..]),
+        );
+        if let Ok(d) = std::fs::read(debug)
+            && let Ok(dobj) = object::File::parse(&*d)
+        {
+            symbols.extend(text_symbols(&dobj));
+        }
+    }
     symbols.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
     symbols.dedup_by_key(|s| s.0);
     let base_vaddr = obj

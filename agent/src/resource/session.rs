@@ -13,15 +13,15 @@ use aya::Ebpf;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
 use aya::programs::{PerfEvent, TracePoint};
-use pymedic_common::pystack::{EMPTY_STACK_ID, PY_STACKS_MAP, PyStack};
+use pymedic_common::pystack::{EMPTY_STACK_ID, PY_STACKS_MAP, PyFrame, PyStack};
 use pymedic_common::resource::{
     ARENAS_MAP, ArenaKey, FDS_MAP, FEAT_FD, FEAT_GC, FEAT_MEMORY, FEAT_THREAD, FEAT_WATCH, FdKey,
     GC_EVENTS_MAP, GC_GENERATIONS, GLOBAL_FAULT_ADDRESS_OFF, GLOBAL_FAULT_CAPTURES_PER_SEC,
     GLOBAL_FAULT_ERROR_OFF, GLOBAL_FAULT_IP_OFF, GLOBAL_GC_PERIOD_NS,
     GLOBAL_NEWTASK_CLONE_FLAGS_OFF, GLOBAL_NEWTASK_PID_OFF, GLOBAL_SYSCALL_ARGS_OFF,
-    GLOBAL_SYSCALL_RET_OFF, GROWTH_MAP, GcPause, GrowthKey, GrowthValue, PAGES_MAP, PROCS_MAP,
-    PSTATS_MAP, PageKey, ProcStats, ResProc, SITES_MAP, STACK_FAILED, STACK_UNSAMPLED, SiteKey,
-    SiteValue, Stat, WATCH_MAP, WatchKey,
+    GLOBAL_SYSCALL_RET_OFF, GROWTH_MAP, GcPause, GrowthKey, GrowthValue, PAGES_MAP, PRE_FRAMES,
+    PROCS_MAP, PSTATS_MAP, PageKey, ProcStats, ResProc, SITES_MAP, STACK_FAILED, STACK_UNSAMPLED,
+    SiteKey, SiteValue, Stat, WATCH_MAP, WatchKey,
 };
 use pymedic_python::{PythonProcess, layout};
 
@@ -115,7 +115,11 @@ pub struct PauseView {
     pub collections: [u32; GC_GENERATIONS],
     pub tid: u32,
     pub samples: u32,
+    /// The stack the collection ran on (outermost first).
     pub frames: Arc<Vec<Frame>>,
+    /// The innermost frames of the process's last sample before the pause
+    /// (with `FEAT_GC_PRE`), outermost first; empty when unknown.
+    pub before: Arc<Vec<Frame>>,
 }
 
 struct Proc {
@@ -568,6 +572,18 @@ impl Session {
                 continue;
             }
             let frames = self.frames(p.pid, p.stack_id);
+            let before = if p.pre.len > 0 {
+                let mut stack = PyStack {
+                    len: p.pre.len.min(PRE_FRAMES as u32),
+                    flags: 0,
+                    frames: [PyFrame::default(); pymedic_common::pystack::MAX_FRAMES],
+                };
+                stack.frames[..PRE_FRAMES].copy_from_slice(&p.pre.frames);
+                let id = pymedic_common::pystack::stack_id(&stack);
+                self.symbolizer.symbolize(p.pid, id, &stack)
+            } else {
+                Arc::new(Vec::new())
+            };
             let q = self.pauses.entry(p.pid).or_default();
             q.push(PauseView {
                 duration: Duration::from_nanos(p.duration_ns),
@@ -576,6 +592,7 @@ impl Session {
                 tid: p.tid,
                 samples: p.samples,
                 frames,
+                before,
             });
             if q.len() > 4096 {
                 q.remove(0);

@@ -43,6 +43,9 @@ pub const PSTATS_MAP: &str = "RES_PSTATS";
 pub const GC_MAP: &str = "RES_GC";
 /// Ring buffer of [`GcPause`]s.
 pub const GC_EVENTS_MAP: &str = "RES_GC_EVENTS";
+/// `HashMap<u32 tgid, PreSample>`: the last GC-clock sample outside a
+/// collection (with [`FEAT_GC_PRE`]).
+pub const GC_PRE_MAP: &str = "RES_GC_PRE";
 /// `HashMap<WatchKey, u64 hits>`: writes to watched addresses by stack.
 pub const WATCH_MAP: &str = "RES_WATCH";
 /// Per-CPU `[u64; ErrorCode::COUNT]` error counters.
@@ -79,6 +82,14 @@ pub const FEAT_MEMORY: u32 = 1 << 2;
 pub const FEAT_GC: u32 = 1 << 3;
 /// [`ResProc::features`]: record watchpoint hits.
 pub const FEAT_WATCH: u32 = 1 << 4;
+/// [`ResProc::features`]: remember the innermost frames of each GC-clock
+/// sample outside a collection, so a pause can name what ran just before
+/// it (3.12+ runs collections at the next eval-breaker check, away from
+/// the allocation that scheduled them).
+pub const FEAT_GC_PRE: u32 = 1 << 5;
+
+/// Frames kept of the sample taken just before a collection.
+pub const PRE_FRAMES: usize = 8;
 
 /// [`SiteKey::kind`]: a descriptor open site.
 pub const SITE_FD: u32 = 1;
@@ -263,6 +274,15 @@ pub struct ProcStats {
     pub gc_samples_collecting: u64,
 }
 
+/// The innermost frames of one sample.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PreSample {
+    pub frames: [crate::pystack::PyFrame; PRE_FRAMES],
+    pub len: u32,
+    pub tid: u32,
+}
+
 /// A collection being observed (value of [`GC_MAP`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -278,6 +298,8 @@ pub struct GcState {
     pub samples: u32,
     /// Thread sampled first.
     pub tid: u32,
+    /// The process's last sample before it (with [`FEAT_GC_PRE`]).
+    pub pre: PreSample,
 }
 
 /// One observed collection pause (ring buffer record).
@@ -294,6 +316,8 @@ pub struct GcPause {
     pub pid: u32,
     pub tid: u32,
     pub samples: u32,
+    /// The process's last sample before the pause (`pre.len == 0`: none).
+    pub pre: PreSample,
 }
 
 /// A write to a watched address by one stack.
@@ -356,6 +380,8 @@ mod pod {
     unsafe impl aya::Pod for super::ProcStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::WatchKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PreSample {}
 }
 
 const _: () = assert!(core::mem::size_of::<ResProc>() == 32);
@@ -369,6 +395,7 @@ const _: () = assert!(core::mem::size_of::<PageKey>() == 16);
 const _: () = assert!(core::mem::size_of::<ArenaKey>() == 16);
 const _: () = assert!(core::mem::size_of::<Pending>() == 32);
 const _: () = assert!(core::mem::size_of::<ProcStats>() == 64);
-const _: () = assert!(core::mem::size_of::<GcState>() == 56);
-const _: () = assert!(core::mem::size_of::<GcPause>() == 48);
+const _: () = assert!(core::mem::size_of::<PreSample>() == 16 * PRE_FRAMES + 8);
+const _: () = assert!(core::mem::size_of::<GcState>() == 56 + 16 * PRE_FRAMES + 8);
+const _: () = assert!(core::mem::size_of::<GcPause>() == 48 + 16 * PRE_FRAMES + 8);
 const _: () = assert!(core::mem::size_of::<WatchKey>() == 24);

@@ -374,6 +374,20 @@ pub fn capture_current(tgid: u32, tid: u32) -> Result<(u64, u32), CaptureError> 
     }
 }
 
+/// Walks the current thread's Python stack into the per-CPU scratch
+/// without storing it in [`PY_STACKS`] (for callers that keep a few frames
+/// themselves); valid until the next walk on this CPU.
+#[inline(always)]
+pub fn walk_current(tgid: u32, tid: u32) -> Result<&'static PyStack, CaptureError> {
+    let info = proc_info(tgid).ok_or(CaptureError::NotPython)?;
+    let tstate = current_thread_state(info, tid)?;
+    let frame = current_frame(info, tstate)?;
+    walk(info, frame)?;
+    let scratch = PY_SCRATCH.get_ptr(0).ok_or(CaptureError::Scratch)?;
+    // SAFETY: per-CPU scratch, used by nothing else while we run.
+    Ok(unsafe { &*scratch })
+}
+
 /// Forgets a thread's cached thread state (call when the thread exits).
 #[inline(always)]
 pub fn forget_thread(tid: u32) {

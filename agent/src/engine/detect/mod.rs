@@ -17,7 +17,9 @@
 pub mod cpu_hotspot;
 pub mod deadlock;
 pub mod fd_leak;
+pub mod gc_pause;
 pub mod memory_leak;
+pub mod native_memory_leak;
 pub mod registry;
 pub mod scheduler;
 pub mod thread_leak;
@@ -166,6 +168,8 @@ pub const BUILTIN: &[(&str, Constructor)] = &[
     ("deadlock", deadlock::new),
     ("cpu_hotspot", cpu_hotspot::new),
     ("memory_leak", memory_leak::new),
+    ("native_memory_leak", native_memory_leak::new),
     ("fd_leak", fd_leak::new),
     ("thread_leak", thread_leak::new),
+    ("gc_pause", gc_pause::new),
 ];

@@ -27,12 +27,12 @@ use pymedic_common::{
     pystack::{EMPTY_STACK_ID, STACK_TRUNCATED},
     resource::{
         ARENAS_MAX, ArenaKey, CLOSE_RANGE_MAX, F_DUPFD, F_DUPFD_CLOEXEC, FDS_MAX, FEAT_FD, FEAT_GC,
-        FEAT_MEMORY, FEAT_THREAD, FEAT_WATCH, FdKey, GC_EVENTS_BYTES, GC_GENERATIONS, GROWTH_FAULT,
-        GROWTH_MAX, GcPause, GcState, GrowthKey, GrowthValue, MAP_ANONYMOUS, MAP_PRIVATE,
-        PAGES_MAX, PENDING_FCNTL, PENDING_MAX, PENDING_MMAP, PENDING_PIPE, PENDING_SOCKETPAIR,
-        PROCS_MAX, PageKey, Pending, ProcStats, RECENT, ResProc, SITE_FD, SITE_THREAD, SITES_MAX,
-        STACK_FAILED, STACK_UNSAMPLED, SiteKey, SiteValue, Stat, THREADS_MAX, ThreadEntry,
-        WATCH_MAX, WatchKey,
+        FEAT_GC_PRE, FEAT_MEMORY, FEAT_THREAD, FEAT_WATCH, FdKey, GC_EVENTS_BYTES, GC_GENERATIONS,
+        GROWTH_FAULT, GROWTH_MAX, GcPause, GcState, GrowthKey, GrowthValue, MAP_ANONYMOUS,
+        MAP_PRIVATE, PAGES_MAX, PENDING_FCNTL, PENDING_MAX, PENDING_MMAP, PENDING_PIPE,
+        PENDING_SOCKETPAIR, PRE_FRAMES, PROCS_MAX, PageKey, Pending, PreSample, ProcStats, RECENT,
+        ResProc, SITE_FD, SITE_THREAD, SITES_MAX, STACK_FAILED, STACK_UNSAMPLED, SiteKey,
+        SiteValue, Stat, THREADS_MAX, ThreadEntry, WATCH_MAX, WatchKey,
     },
 };
 use pymedic_ebpf::{
@@ -60,6 +60,10 @@ static RES_PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(PENDING_MA
 static RES_PSTATS: HashMap<u32, ProcStats> = HashMap::with_max_entries(PROCS_MAX, 0);
 #[map]
 static RES_GC: HashMap<u32, GcState> = HashMap::with_max_entries(PROCS_MAX, 0);
+#[map]
+static RES_GC_SCRATCH: PerCpuArray<GcState> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static RES_GC_PRE: HashMap<u32, PreSample> = HashMap::with_max_entries(PROCS_MAX, 0);
 #[map]
 static RES_GC_EVENTS: RingBuf = RingBuf::with_byte_size(GC_EVENTS_BYTES, 0);
 #[map]
@@ -753,46 +757,88 @@ pub fn res_gc_sample(_ctx: PerfEventContext) -> u32 {
             count(&RES_ERRORS, ErrorCode::ProbeRead);
             return 0;
         };
-        let state = GcState {
-            first_ns: t,
-            last_ns: t,
-            stack_id: capture(tgid, tid),
-            before,
-            samples: 1,
-            tid,
+        // The state is too big for the BPF stack: build it in a per-CPU
+        // scratch slot.
+        let Some(state) = RES_GC_SCRATCH.get_ptr_mut(0) else {
+            return 0;
         };
-        if RES_GC.insert(&tgid, &state, 0).is_err() {
-            lost(ErrorCode::MapFull);
+        let stack_id = capture(tgid, tid);
+        // SAFETY: this CPU's scratch slot; plain-data copies.
+        unsafe {
+            (*state).first_ns = t;
+            (*state).last_ns = t;
+            (*state).stack_id = stack_id;
+            (*state).before = before;
+            (*state).samples = 1;
+            (*state).tid = tid;
+            match RES_GC_PRE.get_ptr(&tgid) {
+                Some(pre) => (*state).pre = *pre,
+                None => (*state).pre.len = 0,
+            }
+            if RES_GC.insert(&tgid, &*state, 0).is_err() {
+                lost(ErrorCode::MapFull);
+            }
         }
         return 0;
     }
-    // SAFETY: plain-data value, copied before the remove.
-    let Some(&g) = (unsafe { RES_GC.get(&tgid) }) else {
+    if p.features & FEAT_GC_PRE != 0 {
+        remember_pre(tgid, tid);
+    }
+    let Some(g) = RES_GC.get_ptr(&tgid) else {
         return 0;
     };
-    let _ = RES_GC.remove(&tgid);
-    let after = gc_counters(p).unwrap_or(g.before);
-    let mut collections = [0u32; GC_GENERATIONS];
-    for i in 0..GC_GENERATIONS {
-        collections[i] = after[i]
-            .saturating_sub(g.before[i])
-            .min(u64::from(u32::MAX)) as u32;
-    }
-    let pause = GcPause {
-        duration_ns: g.last_ns - g.first_ns + RES_GC_PERIOD_NS.load(),
-        end_ns: g.last_ns,
-        stack_id: g.stack_id,
-        collections,
-        pid: tgid,
-        tid: g.tid,
-        samples: g.samples,
-    };
-    if RES_GC_EVENTS.output::<GcPause>(&pause, 0).is_err() {
+    let Some(mut entry) = RES_GC_EVENTS.reserve::<GcPause>(0) else {
         lost(ErrorCode::RingBufFull);
-    } else {
-        stat(Stat::GcPauses);
+        let _ = RES_GC.remove(&tgid);
+        return 0;
+    };
+    let out = entry.as_mut_ptr();
+    // SAFETY: `g` points at a live map value (removed only below, after
+    // its last use); `out` at the reserved record, filled field by field.
+    unsafe {
+        let after = gc_counters(p).unwrap_or((*g).before);
+        for i in 0..GC_GENERATIONS {
+            (*out).collections[i] = after[i]
+                .saturating_sub((*g).before[i])
+                .min(u64::from(u32::MAX)) as u32;
+        }
+        (*out).duration_ns = (*g).last_ns - (*g).first_ns + RES_GC_PERIOD_NS.load();
+        (*out).end_ns = (*g).last_ns;
+        (*out).stack_id = (*g).stack_id;
+        (*out).pid = tgid;
+        (*out).tid = (*g).tid;
+        (*out).samples = (*g).samples;
+        (*out).pre = (*g).pre;
     }
+    entry.submit(0);
+    let _ = RES_GC.remove(&tgid);
+    stat(Stat::GcPauses);
     0
+}
+
+/// Keeps the innermost frames of this sample as the process's latest.
+#[inline(always)]
+fn remember_pre(tgid: u32, tid: u32) {
+    let Ok(stack) = pystack::walk_current(tgid, tid) else {
+        return;
+    };
+    if stack.len == 0 {
+        return;
+    }
+    let Some(slot) = RES_GC_PRE.get_ptr_mut(&tgid) else {
+        let _ = RES_GC_PRE.insert(&tgid, &PreSample::default(), BPF_NOEXIST as u64);
+        return;
+    };
+    // SAFETY: `slot` points at a live map value; the scratch stack is this
+    // CPU's. A concurrent sample of another thread may interleave frames;
+    // the value is a hint.
+    unsafe {
+        for i in 0..PRE_FRAMES {
+            (*slot).frames[i] = stack.frames[i];
+        }
+        (*slot).len = stack.len.min(PRE_FRAMES as u32);
+        (*slot).tid = tid;
+    }
 }
 
 // ---- container inserts (hardware watchpoints) ----
