@@ -14,6 +14,7 @@
 //!   [`fdinfo`]: what descriptors point to; [`native`]: native symbols.
 
 pub mod fdinfo;
+pub mod flow;
 pub mod heap;
 pub mod memory;
 pub mod native;

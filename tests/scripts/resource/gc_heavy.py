@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-heap = [[i] for i in range(1_500_000)]
+heap = [[i] for i in range(int(sys.argv[2]) if len(sys.argv) > 2 else 1_500_000)]
 recent = []
 
 

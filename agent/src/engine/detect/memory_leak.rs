@@ -43,8 +43,8 @@ use crate::engine::targets::TargetInfo;
 use crate::resource::heap::{Container, Kind as CKind};
 use crate::resource::memory::{self, MemoryTracker};
 use crate::resource::session::Session;
-use crate::resource::sites;
 use crate::resource::trend::{self, Rule, Trend};
+use crate::resource::{flow, sites};
 
 const NAME: &str = "memory_leak";
 
@@ -119,6 +119,7 @@ impl Detector for MemoryLeak {
             tracker: memory::tracker(&target.process, target.id.start_ticks),
             states: HashMap::new(),
             heap_site: None,
+            qualified: (target.process.version.major, target.process.version.minor) >= (3, 11),
         })))
     }
 }
@@ -144,6 +145,8 @@ struct Alloc {
     looked: usize,
     /// How the site was found.
     how: &'static str,
+    /// The data-flow path from the insert, when that is how.
+    flow: Option<String>,
     retained: crate::resource::heap::Retained,
 }
 
@@ -155,6 +158,8 @@ struct MemWatch {
     states: HashMap<u64, State>,
     /// Location of the no-container finding, once reported.
     heap_site: Option<Location>,
+    /// Code objects carry qualified names (3.11+).
+    qualified: bool,
 }
 
 impl Drop for MemWatch {
@@ -239,6 +244,14 @@ impl MemWatch {
                     .any(|l| l.file == f.file && sites::same_function(&l.function, &f.function))
             })
         };
+        // Memory first written at the insert itself is the container's own
+        // storage growing (its table resizing): the retainer, not what it
+        // retains.
+        let at_insert = |stack: &[Location]| {
+            insert_fn
+                .as_ref()
+                .is_some_and(|f| sites::site(stack, "").is_some_and(|(l, _)| &l == f))
+        };
         let mut looked = 0;
         let pages: Vec<(Vec<Location>, u64)> = retained
             .addrs
@@ -248,11 +261,13 @@ impl MemWatch {
                 let frames = session.page_stack(self.pid, a)?;
                 Some((sites::locations(&frames), 1))
             })
+            .filter(|(s, _)| !at_insert(s))
             .collect();
         let growth: Vec<(Vec<Location>, u64)> = tracker
             .growth_since(self.params.window.as_secs_f64())
             .filter(|g| !g.unsampled)
             .map(|g| (sites::locations(&g.frames), g.bytes))
+            .filter(|(s, _)| !at_insert(s))
             .collect();
         let functions = retained.functions.first().cloned();
         let mostly_functions = functions
@@ -269,11 +284,33 @@ impl MemWatch {
                 votes: n,
                 looked: retained.entries,
                 how: "the newest entries are functions created here",
+                flow: None,
                 retained,
             }
         };
         if mostly_functions {
             return func_alloc(retained);
+        }
+        // Data flow from the insert line to the expression that makes the
+        // stored value, when the runtime type of the newest entries agrees.
+        if let Some(insert) = &insert_fn
+            && let Some(src) = flow::read_source(self.pid, &insert.file)
+            && let Some(made) = flow::creation(&src, insert.line, self.qualified)
+            && retained
+                .types
+                .first()
+                .is_none_or(|(t, _)| made.consistent_with(t))
+        {
+            let loc = Location::new(insert.file.clone(), made.function.clone(), made.line);
+            let stack = inserts.first().map(|(s, _)| s.clone()).unwrap_or_default();
+            return Alloc {
+                site: Some((loc, stack)),
+                votes: retained.entries,
+                looked: retained.entries,
+                how: "the stored value is created here (data flow from the insert)",
+                flow: Some(made.path),
+                retained,
+            };
         }
         let pick = |found: Option<(Location, Vec<Location>, u64, u64)>, min: u64, how| {
             found
@@ -316,6 +353,7 @@ impl MemWatch {
                     total as usize
                 },
                 how,
+                flow: None,
                 retained,
             },
             None if functions.is_some() => func_alloc(retained),
@@ -621,6 +659,7 @@ fn container_finding(
             .map(|(n, k)| json!({"type": n, "count": k})).collect::<Vec<_>>(),
         "allocation": {
             "how": alloc.how,
+            "data_flow": alloc.flow,
             // objects (pages, functions) or bytes (growth samples) naming
             // the site, out of all looked at
             "evidence_share": round(alloc.votes as f64 / alloc.looked.max(1) as f64, 3),
