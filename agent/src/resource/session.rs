@@ -466,6 +466,10 @@ impl Session {
         self.read_pauses()?;
         self.read_watch()?;
         self.trim_stacks()?;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let errors = bpf::read_error_counters(&self.bpf, pymedic_common::resource::ERRORS_MAP)?;
+            tracing::debug!(stats = ?self.stats()?, ?errors, "resource eBPF counters");
+        }
         let lost = self.stats()?[Stat::Lost as usize];
         crate::engine::usage::record_lost_events(
             lost.saturating_sub(LOST_SEEN.swap(lost, std::sync::atomic::Ordering::Relaxed)),
