@@ -117,6 +117,12 @@ impl Detector for FdLeak {
         Duration::from_secs(2)
     }
 
+    /// Only reads the eBPF object's counters: costs the target nothing, so a busy target
+    /// does not slow its checks down.
+    fn backs_off_when_busy(&self) -> bool {
+        false
+    }
+
     fn watch(&self, target: &TargetInfo) -> Result<Option<Box<dyn Watch>>, DetectError> {
         let Some(session) = join_session(NAME, target, FEAT_FD)? else {
             return Ok(None);

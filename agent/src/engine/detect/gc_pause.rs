@@ -75,6 +75,12 @@ impl Detector for GcPause {
         Duration::from_secs(2)
     }
 
+    /// Only reads the eBPF object's counters and six words of GC statistics: costs the target nothing, so a busy target
+    /// does not slow its checks down.
+    fn backs_off_when_busy(&self) -> bool {
+        false
+    }
+
     fn watch(&self, target: &TargetInfo) -> Result<Option<Box<dyn Watch>>, DetectError> {
         let Some(state) = session::gc_state_addr(&target.process) else {
             tracing::info!(pid = target.id.pid, "gc_pause: no collector state to read");
