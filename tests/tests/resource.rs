@@ -9,11 +9,18 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use pymedic_integration::{PyProc, Python, json_stdout, pymedic, pythons, require_root, script};
+use pymedic_integration::{
+    PyProc, Python, json_stdout, pymedic_bin, pythons, require_root, script,
+};
 use serde_json::Value;
 
 /// Resource detectors only: the others cost CPU a crowded machine needs.
+/// The tests run the debug build, whose heap reads cost about ten times
+/// the release build's; the scheduler spaces checks by their CPU cost, so
+/// the budget is raised by as much (what is tested is what is found, not
+/// the budget).
 const CONFIG: &str = "\
+[detect]\ncpu_budget = 0.5\n\
 [detectors.deadlock]\nenabled = false\n\
 [detectors.cpu_hotspot]\nenabled = false\n";
 
@@ -40,6 +47,17 @@ enum Expect {
         retain: &'static str,
         alloc: &'static str,
         container: &'static str,
+    },
+    /// An `fd_leak` at the line marked `at` whose evidence says what the
+    /// newest descriptors point to (`points_to` in the first one), the
+    /// growth rate and the time to `EMFILE`, and whose structural
+    /// cross-check names the exit path that skips the close (`exit`: the
+    /// marker of that line and its kind, `raise` or `return`; `None`:
+    /// any static explanation of the function).
+    Fd {
+        at: &'static str,
+        points_to: &'static str,
+        exit: Option<(&'static str, &'static str)>,
     },
     /// No finding of these kinds.
     Nothing { kinds: &'static [&'static str] },
@@ -144,6 +162,58 @@ fn check(py: &Python, case: &Case, v: &Value) -> Result<(), String> {
                     ));
                 }
             }
+            Expect::Fd {
+                at,
+                points_to,
+                exit,
+            } => {
+                let line = line_of(case.script, at);
+                let Some(f) = all.iter().find(|f| {
+                    f["kind"] == "fd_leak"
+                        && file_ok(f)
+                        && f["location"]["line"].as_u64() == Some(line)
+                }) else {
+                    return Err(format!(
+                        "{} {}: no fd_leak at line {line} ({at}); findings:\n{}",
+                        py.label,
+                        case.script,
+                        summary()
+                    ));
+                };
+                let ev = &f["evidence"];
+                let target = ev["recent"][0]["target"].as_str().unwrap_or("");
+                let rate = ev["growth_per_second"].as_f64().unwrap_or(0.0);
+                let emfile = ev["seconds_to_emfile"].as_f64();
+                if !target.contains(points_to) || rate <= 0.0 || emfile.is_none() {
+                    return Err(format!(
+                        "{} {}: fd_leak evidence lacks the descriptors' target ({points_to:?}), \
+                         the rate or the time to EMFILE: {ev}",
+                        py.label, case.script
+                    ));
+                }
+                let statics: Vec<&str> = f["related"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|r| r["role"].as_str())
+                    .filter(|r| r.starts_with("static:"))
+                    .collect();
+                let named = match exit {
+                    Some((marker, how)) => {
+                        let want =
+                            format!("exit path at line {} ({how})", line_of(case.script, marker));
+                        statics.iter().any(|r| r.contains(&want))
+                    }
+                    None => !statics.is_empty(),
+                };
+                if !named {
+                    return Err(format!(
+                        "{} {}: the structural cross-check does not name the exit path \
+                         ({exit:?}): {statics:?}",
+                        py.label, case.script
+                    ));
+                }
+            }
             Expect::Nothing { kinds } => {
                 if let Some(f) = all.iter().find(|f| kinds.iter().any(|k| f["kind"] == *k)) {
                     return Err(format!(
@@ -157,42 +227,75 @@ fn check(py: &Python, case: &Case, v: &Value) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs every (interpreter, case) pair of `cases` at once; returns the
-/// failures.
+/// How many (interpreter, program) pairs run at once: enough to keep the
+/// whole file within a few minutes, few enough that a crowded 2-core
+/// machine still gives every target and every agent its share.
+const PARALLEL: usize = 14;
+
+/// Runs one program under one `pymedic diagnose`; checks its findings.
+fn run_one(py: &Python, case: &Case, config: &Path) -> Result<(), String> {
+    let proc = PyProc::start(py, &format!("resource/{}", case.script), case.args);
+    let out = std::process::Command::new(pymedic_bin())
+        .args([
+            "diagnose",
+            "--pid",
+            &proc.pid().to_string(),
+            "--duration",
+            "30s",
+            "--json",
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "warn,pymedic::engine::detect=debug")
+        .output()
+        .expect("run pymedic");
+    let log = || {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    };
+    if !out.status.success() {
+        return Err(format!(
+            "{} {}: diagnose failed: {}",
+            py.label,
+            case.script,
+            log()
+        ));
+    }
+    check(py, case, &json_stdout(&out)).map_err(|e| format!("{e}\nagent log (tail):\n{}", log()))
+}
+
+/// Runs every (interpreter, case) pair of `cases`, [`PARALLEL`] at a time;
+/// returns the failures.
 fn run_batch(cases: &[&'static Case], config: &Path) -> Vec<String> {
+    let jobs: Mutex<Vec<(Python, &'static Case)>> = Mutex::new(
+        pythons()
+            .into_iter()
+            .flat_map(|py| cases.iter().map(move |&c| (py.clone(), c)))
+            .collect(),
+    );
     let failures = Mutex::new(Vec::new());
     std::thread::scope(|s| {
-        for py in pythons() {
-            for &case in cases {
-                let py = py.clone();
-                let failures = &failures;
-                s.spawn(move || {
-                    let proc = PyProc::start(&py, &format!("resource/{}", case.script), case.args);
-                    let out = pymedic(&[
-                        "diagnose",
-                        "--pid",
-                        &proc.pid().to_string(),
-                        "--duration",
-                        "30s",
-                        "--json",
-                        "--config",
-                        config.to_str().unwrap(),
-                    ]);
-                    let result = if out.status.success() {
-                        check(&py, case, &json_stdout(&out))
-                    } else {
-                        Err(format!(
-                            "{} {}: diagnose failed: {}",
-                            py.label,
-                            case.script,
-                            String::from_utf8_lossy(&out.stderr)
-                        ))
+        for _ in 0..PARALLEL {
+            s.spawn(|| {
+                loop {
+                    let Some((py, case)) = jobs.lock().unwrap().pop() else {
+                        return;
                     };
+                    let t0 = std::time::Instant::now();
+                    let result = run_one(&py, case, config);
+                    eprintln!(
+                        "{} {}: {} in {:.0?}",
+                        py.label,
+                        case.script,
+                        if result.is_ok() { "ok" } else { "FAILED" },
+                        t0.elapsed()
+                    );
                     if let Err(e) = result {
                         failures.lock().unwrap().push(e);
                     }
-                });
-            }
+                }
+            });
         }
     });
     failures.into_inner().unwrap()
@@ -240,22 +343,25 @@ static DESCRIPTORS: [Case; 3] = [
         script: "fd_paths.py",
         args: &["20"],
         expect: &[
-            Expect::At {
-                kind: "fd_leak",
+            Expect::Fd {
                 at: "# FD-LEAK-EXCEPTION",
+                points_to: "empty.cfg",
+                exit: Some(("# FD-EXIT-RAISE", "raise")),
             },
-            Expect::At {
-                kind: "fd_leak",
+            Expect::Fd {
                 at: "# FD-LEAK-RETURN",
+                points_to: "data.txt",
+                exit: Some(("# FD-EXIT-RETURN", "return")),
             },
         ],
     },
     Case {
         script: "sockets.py",
         args: &["20"],
-        expect: &[Expect::At {
-            kind: "fd_leak",
+        expect: &[Expect::Fd {
             at: "# SOCKET-LEAK",
+            points_to: "tcp 127.0.0.1:",
+            exit: None,
         }],
     },
     Case {

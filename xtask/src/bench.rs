@@ -25,7 +25,8 @@ pub struct BenchArgs {
     /// Runs of each command (the median is reported).
     #[arg(long, default_value_t = 21)]
     runs: usize,
-    /// Rounds of (baseline, pymedic, py-spy) for `record`.
+    /// Rounds of (baseline, pymedic, py-spy) for `record`; of (baseline,
+    /// pymedic, memray) for `leak`.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Interpreter to run the target with (default: pyenv's newest 3.8–3.13,
@@ -51,6 +52,10 @@ enum Which {
     /// py-spy polling; detection → watcher latency with 1 and 100 watchers
     /// (see bench_agent.rs).
     Agent,
+    /// An allocation-heavy program: no tool vs pymedic's resource
+    /// detectors vs `memray attach`; a 10k opens/s program: no tool vs
+    /// `fd_leak` (see bench_leak.rs).
+    Leak,
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -65,6 +70,13 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             args.runs.min(5) as u32,
         ),
         Which::Record => crate::bench_record::record(args.rounds, args.python.as_deref()),
+        Which::Leak => crate::bench_leak::run(
+            args.rounds,
+            &args
+                .python
+                .clone()
+                .unwrap_or_else(crate::bench_leak::default_python),
+        ),
         Which::Agent => crate::bench_agent::run(
             args.seconds,
             &args.python.clone().unwrap_or_else(default_python),

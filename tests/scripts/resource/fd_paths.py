@@ -25,7 +25,7 @@ def load_config(path):
     f = open(path)  # FD-LEAK-EXCEPTION
     data = f.read()
     if not data.strip():
-        raise ValueError(path + " is empty")
+        raise ValueError(path + " is empty")  # FD-EXIT-RAISE
     f.close()
     return data
 
@@ -34,7 +34,7 @@ def read_magic(path):
     fd = os.open(path, os.O_RDONLY)  # FD-LEAK-RETURN
     head = os.read(fd, 4)
     if head != b"PK\x03\x04":
-        return None
+        return None  # FD-EXIT-RETURN
     os.close(fd)
     return head
 

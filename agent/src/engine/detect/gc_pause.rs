@@ -222,8 +222,11 @@ impl Watch for GcWatch {
             return Ok(Vec::new());
         }
         // The trigger site: the application line of the pauses' stacks,
-        // weighted by pause length.
-        let mut weights: Vec<(Location, Vec<Location>, Duration)> = Vec::new();
+        // one vote per pause (ties go to the longer pauses). Every
+        // collection is triggered the same way whatever its length, and on
+        // 3.12+ each "before" sample is a noisy hint, so many votes beat
+        // the few long (full) collections deciding alone.
+        let mut weights: Vec<(Location, Vec<Location>, Duration, u32)> = Vec::new();
         let mut ran_at: Vec<(Location, Duration)> = Vec::new();
         for (_, p) in &self.pauses {
             let during = sites::locations(&p.frames);
@@ -243,18 +246,28 @@ impl Watch for GcWatch {
                 continue;
             };
             match weights.iter_mut().find(|w| w.0 == loc) {
-                Some(w) => w.2 += p.duration,
-                None => weights.push((loc, stack, p.duration)),
+                Some(w) => {
+                    w.2 += p.duration;
+                    w.3 += 1;
+                }
+                None => weights.push((loc, stack, p.duration, 1)),
             }
         }
-        weights.sort_by(|a, b| b.2.cmp(&a.2));
+        weights.sort_by(|a, b| b.3.cmp(&a.3).then(b.2.cmp(&a.2)));
         ran_at.sort_by(|a, b| b.1.cmp(&a.1));
         let location = match (&self.location, weights.first()) {
             (Some(l), _) => l.clone(),
-            (None, Some(w)) => w.0.clone(),
+            (None, Some(w)) => {
+                // Kept stable once a few pauses agree (or the trigger is
+                // exact: before 3.12 the collection runs inside the
+                // allocation that triggers it).
+                if !self.deferred || w.3 >= 5 {
+                    self.location = Some(w.0.clone());
+                }
+                w.0.clone()
+            }
             (None, None) => Location::new("<gc>", "<collection not sampled>", 0),
         };
-        self.location = Some(location.clone());
         let long: Vec<&PauseView> = self
             .pauses
             .iter()
@@ -314,9 +327,9 @@ impl Watch for GcWatch {
                 "the collections ran here (the next eval-breaker check after the allocation)",
             ));
         }
-        for (_, stack, d) in weights.iter().take(3) {
+        for (_, stack, d, n) in weights.iter().take(3) {
             f.stacks.push(sites::stack(
-                format!("triggered {} ms of pauses", d.as_millis()),
+                format!("triggered {n} pause(s), {} ms", d.as_millis()),
                 0,
                 stack.clone(),
             ));

@@ -383,6 +383,15 @@ impl Scheduler {
             } + failures.min(16),
             &self.budget,
         );
+        tracing::trace!(
+            target_pid = id.pid,
+            detector = entry.detector.name(),
+            cost_ms = done.cost_ns as f64 / 1e6,
+            setup_ms = done.setup_ns as f64 / 1e6,
+            failures,
+            next_in = ?delay,
+            "check done"
+        );
         self.schedule(id, done.slot, Instant::now() + delay);
     }
 }
