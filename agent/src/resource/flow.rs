@@ -7,8 +7,10 @@
 //! resp`, with `render` returning a dict literal. From the insert statement
 //! (`X[k] = V`, `X.append(V)`, `X.add(V)`, `X.insert(i, V)`,
 //! `X.setdefault(k, V)`, `X.appendleft(V)`) the walk follows `V`: a name to
-//! its last assignment before the insert in the same function, a call of a
-//! function of the same file into its `return`, up to three calls deep,
+//! its last assignment before the insert in the same function (or, bound
+//! by `except T as name`, to the `raise T(...)` the `try` body reaches), a
+//! call of a function of the same file into its `return`, up to three
+//! calls deep,
 //! and stops at the expression that makes a new object — a literal or
 //! comprehension, a `lambda`, a class instantiation, a call into other
 //! code. The caller checks the answer against the runtime type of the
@@ -237,7 +239,10 @@ impl Walk<'_, '_> {
                         }
                         _ => None,
                     })
-                    .last()?;
+                    .last();
+                let Some(assign) = assign else {
+                    return self.caught(name, func, line, depth);
+                };
                 self.path.push(name.to_string());
                 self.resolve(assign.1, func, assign.0, depth)
             }
@@ -285,6 +290,98 @@ impl Walk<'_, '_> {
                 self.made_here(e, func, Made::Call)
             }
             _ => None,
+        }
+    }
+}
+
+impl Walk<'_, '_> {
+    /// `name` bound by an `except T as name:` around `line`: the `raise`
+    /// of a `T` in the `try` body, or in a function of this file it calls
+    /// (up to three calls deep).
+    fn caught(&mut self, name: &str, func: &Func<'_>, line: u32, depth: u32) -> Option<Creation> {
+        let mut stmts = Vec::new();
+        statements(func.body, &mut stmts);
+        let (try_body, ty) = stmts.into_iter().find_map(|s| {
+            let Stmt::Try(t) = s else { return None };
+            t.handlers.iter().find_map(|h| {
+                let ruff_python_ast::ExceptHandler::ExceptHandler(h) = h;
+                let bound = h.name.as_ref().is_some_and(|n| n.as_str() == name);
+                let around = h.body.first().is_some_and(|b| self.src.line(b) <= line)
+                    && h.body
+                        .last()
+                        .is_some_and(|b| line <= self.src.last_line(b) + 1);
+                (bound && around).then(|| {
+                    let ty = match h.type_.as_deref() {
+                        Some(Expr::Name(n)) => Some(n.id.to_string()),
+                        Some(Expr::Attribute(a)) => Some(a.attr.to_string()),
+                        _ => None,
+                    };
+                    (&t.body[..], ty)
+                })
+            })
+        })?;
+        self.path.push(format!("{name} (caught)"));
+        self.raised(try_body, func, ty.as_deref(), depth)
+    }
+
+    /// The first `raise T(...)` (any class when `ty` is `None`) in `body`
+    /// or in the functions of this file it calls.
+    fn raised(
+        &mut self,
+        body: &[Stmt],
+        func: &Func<'_>,
+        ty: Option<&str>,
+        depth: u32,
+    ) -> Option<Creation> {
+        let mut stmts = Vec::new();
+        statements(body, &mut stmts);
+        for s in &stmts {
+            if let Stmt::Raise(r) = s
+                && let Some(Expr::Call(c)) = r.exc.as_deref()
+                && let Expr::Name(n) = &*c.func
+                && ty.is_none_or(|t| t == n.id.as_str())
+            {
+                let made = Made::Instance(n.id.to_string());
+                return self.made_here(r.exc.as_deref().expect("matched"), func, made);
+            }
+        }
+        if depth >= 3 {
+            return None;
+        }
+        for s in &stmts {
+            let mut calls = Vec::new();
+            calls_in(s, &mut calls);
+            for callee in calls {
+                let Some(f) = self.funcs.iter().find(|f| f.name == callee) else {
+                    continue;
+                };
+                let mark = self.path.len();
+                self.path.push(format!("{}()", f.name));
+                if let Some(found) = self.raised(f.body, f, ty, depth + 1) {
+                    return Some(found);
+                }
+                self.path.truncate(mark);
+            }
+        }
+        None
+    }
+}
+
+/// Names of the plain functions a simple statement calls (`f(...)`).
+fn calls_in(s: &Stmt, out: &mut Vec<String>) {
+    let exprs: Vec<&Expr> = match s {
+        Stmt::Expr(e) => vec![&e.value],
+        Stmt::Assign(a) => vec![&a.value],
+        Stmt::AnnAssign(a) => a.value.as_deref().into_iter().collect(),
+        Stmt::AugAssign(a) => vec![&a.value],
+        Stmt::Return(r) => r.value.as_deref().into_iter().collect(),
+        _ => Vec::new(),
+    };
+    for e in exprs {
+        if let Expr::Call(c) = e
+            && let Expr::Name(n) = &*c.func
+        {
+            out.push(n.id.to_string());
         }
     }
 }
@@ -374,6 +471,18 @@ def parse(text):
 
 def alias(x):
     seen.append(x)
+
+def load(path):
+    text = open(path).read()
+    if not text:
+        raise ValueError(path + " is empty")
+    return text
+
+def serve(path):
+    try:
+        load(path)
+    except ValueError as e:
+        seen.append(e)
 "#;
 
     fn line(marker: &str) -> u32 {
@@ -416,6 +525,19 @@ def alias(x):
         assert!(creation(SRC, line("seen.append(x)"), true).is_none());
         // Not an insert.
         assert!(creation(SRC, line("return json.dumps"), true).is_none());
+    }
+
+    #[test]
+    fn a_caught_exception_was_made_by_its_raise() {
+        let c = creation(SRC, line("seen.append(e)"), true).unwrap();
+        assert_eq!(c.line, line("raise ValueError"));
+        assert_eq!(c.function, "load");
+        assert!(c.consistent_with("ValueError"), "{c:?}");
+        assert!(
+            c.path.starts_with("e (caught) <- load() <- ValueError("),
+            "{}",
+            c.path
+        );
     }
 }
 

@@ -183,7 +183,7 @@ mod tests {
     fn symbolizes_our_own_code() {
         let pid = std::process::id();
         let mut s = NativeSymbolizer::new();
-        let f = s.symbolize(pid, libc::getpid as usize as u64);
+        let f = s.symbolize(pid, libc::getpid as *const () as usize as u64);
         assert!(is_libc(&f.library), "{f:?}");
         assert!(f.function.contains("getpid"), "{f:?}");
         assert!(!is_interpreter(&f.library));
