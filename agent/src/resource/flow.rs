@@ -429,6 +429,24 @@ pub fn creation(source: &str, insert_line: u32, qualified: bool) -> Option<Creat
     Some(found)
 }
 
+/// The text of `co_filename` as process `pid` sees it (through
+/// `/proc/PID/root`, relative names through `/proc/PID/cwd`); `None` for
+/// `<string>`, missing or huge files.
+pub fn read_source(pid: u32, filename: &str) -> Option<String> {
+    if filename.starts_with('<') || filename.is_empty() {
+        return None;
+    }
+    let path = if filename.starts_with('/') {
+        format!("/proc/{pid}/root{filename}")
+    } else {
+        format!("/proc/{pid}/cwd/{filename}")
+    };
+    if std::fs::metadata(&path).ok()?.len() > 8 << 20 {
+        return None;
+    }
+    std::fs::read_to_string(path).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -539,22 +557,4 @@ def serve(path):
             c.path
         );
     }
-}
-
-/// The text of `co_filename` as process `pid` sees it (through
-/// `/proc/PID/root`, relative names through `/proc/PID/cwd`); `None` for
-/// `<string>`, missing or huge files.
-pub fn read_source(pid: u32, filename: &str) -> Option<String> {
-    if filename.starts_with('<') || filename.is_empty() {
-        return None;
-    }
-    let path = if filename.starts_with('/') {
-        format!("/proc/{pid}/root{filename}")
-    } else {
-        format!("/proc/{pid}/cwd/{filename}")
-    };
-    if std::fs::metadata(&path).ok()?.len() > 8 << 20 {
-        return None;
-    }
-    std::fs::read_to_string(path).ok()
 }

@@ -634,7 +634,7 @@ impl HeapScanner {
         r.types = types.into_iter().collect();
         r.types.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         r.functions = functions.into_iter().collect();
-        r.functions.sort_by(|a, b| b.1.cmp(&a.1));
+        r.functions.sort_by_key(|f| std::cmp::Reverse(f.1));
         r
     }
 

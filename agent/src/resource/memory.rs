@@ -44,7 +44,10 @@ pub struct MemoryTracker {
     growth: VecDeque<(f64, Vec<GrowthDelta>)>,
 }
 
-static TRACKERS: Mutex<Vec<((u32, u64), Weak<Mutex<MemoryTracker>>)>> = Mutex::new(Vec::new());
+/// Trackers by process identity (pid, start ticks), weakly held.
+type Trackers = Vec<((u32, u64), Weak<Mutex<MemoryTracker>>)>;
+
+static TRACKERS: Mutex<Trackers> = Mutex::new(Vec::new());
 
 /// The tracker of process `(pid, start_ticks)`, shared by every detector
 /// watching it.

@@ -54,11 +54,10 @@ impl NativeSymbolizer {
 
     /// Symbolizes `ip` in `pid`.
     pub fn symbolize(&mut self, pid: u32, ip: u64) -> NativeFrame {
-        if !self.maps.contains_key(&pid) {
-            let m = maps::read(pid).unwrap_or_default();
-            self.maps.insert(pid, m);
-        }
-        let Some(m) = self.maps[&pid]
+        let Some(m) = self
+            .maps
+            .entry(pid)
+            .or_insert_with(|| maps::read(pid).unwrap_or_default())
             .iter()
             .find(|m| m.contains(ip) && m.is_exec())
             .cloned()

@@ -65,6 +65,9 @@ const FD_RETURNING: &[&str] = &[
     "perf_event_open",
 ];
 
+/// Watchpoint hits by (pid, watched address): insert stacks and counts.
+type WatchHits = HashMap<(u32, u64), Vec<(Arc<Vec<Frame>>, u64)>>;
+
 /// Session-wide settings (from the first detector that starts it).
 #[derive(Clone, Copy, Debug)]
 pub struct SessionConfig {
@@ -142,7 +145,7 @@ pub struct Session {
     growth: HashMap<u32, Vec<GrowthView>>,
     pstats: HashMap<u32, ProcStats>,
     pauses: HashMap<u32, Vec<PauseView>>,
-    watch_hits: HashMap<(u32, u64), Vec<(Arc<Vec<Frame>>, u64)>>,
+    watch_hits: WatchHits,
 }
 
 static SHARED: Mutex<Weak<Mutex<Session>>> = Mutex::new(Weak::new());
@@ -610,7 +613,7 @@ impl Session {
         let m: BpfHashMap<_, WatchKey, u64> =
             BpfHashMap::try_from(map).map_err(map_err(WATCH_MAP))?;
         let entries: Vec<(WatchKey, u64)> = m.iter().filter_map(Result::ok).collect();
-        let mut out: HashMap<(u32, u64), Vec<(Arc<Vec<Frame>>, u64)>> = HashMap::new();
+        let mut out: WatchHits = HashMap::new();
         for (k, hits) in entries {
             if !self.procs.contains_key(&k.pid) {
                 continue;

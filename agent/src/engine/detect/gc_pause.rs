@@ -254,7 +254,7 @@ impl Watch for GcWatch {
             }
         }
         weights.sort_by(|a, b| b.3.cmp(&a.3).then(b.2.cmp(&a.2)));
-        ran_at.sort_by(|a, b| b.1.cmp(&a.1));
+        ran_at.sort_by_key(|r| std::cmp::Reverse(r.1));
         let location = match (&self.location, weights.first()) {
             (Some(l), _) => l.clone(),
             (None, Some(w)) => {
@@ -335,7 +335,7 @@ impl Watch for GcWatch {
             ));
         }
         let mut longest_pauses: Vec<&PauseView> = self.pauses.iter().map(|(_, p)| p).collect();
-        longest_pauses.sort_by(|a, b| b.duration.cmp(&a.duration));
+        longest_pauses.sort_by_key(|p| std::cmp::Reverse(p.duration));
         f.evidence = json!({
             "longest_pause_ms": longest.as_millis() as u64,
             "pauses": longest_pauses.iter().take(10).map(|p| json!({

@@ -170,13 +170,16 @@ impl Drop for MemWatch {
     }
 }
 
+/// A growing container, its trend and its (time, length) points.
+pub(super) type Growing<C> = (C, Trend, Vec<(f64, f64)>);
+
 /// Containers whose length grows steadily, with their trends, fastest
 /// first. Bounded ones and the `threading` module's own bookkeeping
 /// (reported by `thread_leak`) are left out.
 pub(super) fn growing<'a>(
     containers: impl Iterator<Item = &'a Container>,
     p: &Params,
-) -> Vec<(&'a Container, Trend, Vec<(f64, f64)>)> {
+) -> Vec<Growing<&'a Container>> {
     let rule = Rule {
         min_points: 5,
         min_span: 8.0,
@@ -385,7 +388,7 @@ impl Watch for MemWatch {
         let window = self.params.window.as_secs_f64();
         let rss_trend = trend::analyze(&tracker.rss.window(window));
         let arena_trend = trend::analyze(&tracker.arenas.window(window));
-        let grow: Vec<(Container, Trend, Vec<(f64, f64)>)> = match tracker.heap.as_ref() {
+        let grow: Vec<Growing<Container>> = match tracker.heap.as_ref() {
             Some(h) => growing(h.containers(), &self.params)
                 .into_iter()
                 .take(self.params.max_findings)

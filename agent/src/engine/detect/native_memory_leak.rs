@@ -202,7 +202,7 @@ impl Watch for NativeWatch {
             .into_iter()
             .max_by(|a, b| a.1.0.cmp(&b.1.0).then(b.0.cmp(&a.0)));
         let mut ips: Vec<(u64, u64)> = by_ip.into_iter().collect();
-        ips.sort_by(|a, b| b.1.cmp(&a.1));
+        ips.sort_by_key(|i| std::cmp::Reverse(i.1));
         self.symbols.refresh(self.pid);
         let mut natives: Vec<(native::NativeFrame, u64)> = Vec::new();
         for (ip, bytes) in ips.into_iter().take(16) {
@@ -212,7 +212,7 @@ impl Watch for NativeWatch {
                 None => natives.push((f, bytes)),
             }
         }
-        natives.sort_by(|a, b| b.1.cmp(&a.1));
+        natives.sort_by_key(|n| std::cmp::Reverse(n.1));
         let mut libraries: HashMap<String, u64> = HashMap::new();
         for (f, b) in &natives {
             *libraries.entry(f.library.clone()).or_default() += b;

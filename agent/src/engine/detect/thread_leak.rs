@@ -145,7 +145,7 @@ impl Watch for ThreadWatch {
         let mut leaks = self
             .tracker
             .leaks(&aggregates, &rule, self.params.window.as_secs_f64());
-        leaks.sort_by(|a, b| b.site.live.cmp(&a.site.live));
+        leaks.sort_by_key(|l| std::cmp::Reverse(l.site.live));
         leaks.truncate(self.params.max_findings);
         if leaks.is_empty() {
             return Ok(Vec::new());
