@@ -195,7 +195,7 @@ fn site_open(pid: u32, stack_id: u64, kind: u32, handle: u32) {
         kind,
     };
     for _ in 0..2 {
-        if let Some(v) = RES_SITES.get_ptr_mut(&key) {
+        if let Some(v) = RES_SITES.get_ptr_mut(key) {
             // SAFETY: `v` points at a live map value; the counters are
             // updated atomically, the ring is best effort.
             unsafe {
@@ -214,7 +214,7 @@ fn site_open(pid: u32, stack_id: u64, kind: u32, handle: u32) {
             ..SiteValue::default()
         };
         value.recent[0] = handle;
-        match RES_SITES.insert(&key, &value, BPF_NOEXIST as u64) {
+        match RES_SITES.insert(key, value, BPF_NOEXIST as u64) {
             Ok(()) => return,
             Err(-17) => continue,
             Err(_) => break,
@@ -230,7 +230,7 @@ fn site_close(pid: u32, stack_id: u64, kind: u32) {
         pid,
         kind,
     };
-    if let Some(v) = RES_SITES.get_ptr_mut(&key) {
+    if let Some(v) = RES_SITES.get_ptr_mut(key) {
         // SAFETY: `v` points at a live map value.
         add(unsafe { &raw mut (*v).closed }, 1);
     }
@@ -245,11 +245,11 @@ fn new_fd(tgid: u32, tid: u32, fd: u32) {
     // A descriptor we still count as open was closed behind our back
     // (dup2 onto it, or a close we missed): release it first.
     // SAFETY: plain-data value, copied.
-    if let Some(&old) = unsafe { RES_FDS.get(&key) } {
+    if let Some(&old) = unsafe { RES_FDS.get(key) } {
         site_close(tgid, old, SITE_FD);
     }
     let stack_id = capture(tgid, tid);
-    if RES_FDS.insert(&key, &stack_id, 0).is_err() {
+    if RES_FDS.insert(key, stack_id, 0).is_err() {
         lost(ErrorCode::MapFull);
         return;
     }
@@ -261,10 +261,10 @@ fn new_fd(tgid: u32, tid: u32, fd: u32) {
 fn closed_fd(tgid: u32, fd: u32) {
     let key = FdKey { pid: tgid, fd };
     // SAFETY: plain-data value, copied before the remove.
-    let Some(&stack_id) = (unsafe { RES_FDS.get(&key) }) else {
+    let Some(&stack_id) = (unsafe { RES_FDS.get(key) }) else {
         return;
     };
-    let _ = RES_FDS.remove(&key);
+    let _ = RES_FDS.remove(key);
     stat(Stat::FdCloses);
     site_close(tgid, stack_id, SITE_FD);
 }
@@ -311,7 +311,7 @@ fn enter_pair(ctx: &TracePointContext, what: u64, arg_index: u32) -> u32 {
             what,
             args: [ptr, 0, 0],
         };
-        if RES_PENDING.insert(&tid, &p, 0).is_err() {
+        if RES_PENDING.insert(tid, p, 0).is_err() {
             lost(ErrorCode::MapFull);
         }
     }
@@ -323,10 +323,10 @@ fn enter_pair(ctx: &TracePointContext, what: u64, arg_index: u32) -> u32 {
 pub fn res_pair_exit(ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current();
     // SAFETY: plain-data value, copied before the remove.
-    let Some(&p) = (unsafe { RES_PENDING.get(&tid) }) else {
+    let Some(&p) = (unsafe { RES_PENDING.get(tid) }) else {
         return 0;
     };
-    let _ = RES_PENDING.remove(&tid);
+    let _ = RES_PENDING.remove(tid);
     if p.what != PENDING_PIPE && p.what != PENDING_SOCKETPAIR {
         return 0;
     }
@@ -362,7 +362,7 @@ pub fn res_fcntl_enter(ctx: TracePointContext) -> u32 {
             what: PENDING_FCNTL,
             args: [cmd, 0, 0],
         };
-        if RES_PENDING.insert(&tid, &p, 0).is_err() {
+        if RES_PENDING.insert(tid, p, 0).is_err() {
             lost(ErrorCode::MapFull);
         }
     }
@@ -374,10 +374,10 @@ pub fn res_fcntl_enter(ctx: TracePointContext) -> u32 {
 pub fn res_fcntl_exit(ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current();
     // SAFETY: plain-data value, copied before the remove.
-    let Some(&p) = (unsafe { RES_PENDING.get(&tid) }) else {
+    let Some(&p) = (unsafe { RES_PENDING.get(tid) }) else {
         return 0;
     };
-    let _ = RES_PENDING.remove(&tid);
+    let _ = RES_PENDING.remove(tid);
     if p.what != PENDING_FCNTL {
         return 0;
     }
@@ -475,7 +475,7 @@ pub fn res_newtask(ctx: TracePointContext) -> u32 {
         pid: tgid,
         _pad: 0,
     };
-    if RES_THREADS.insert(&(child as u32), &entry, 0).is_err() {
+    if RES_THREADS.insert(child as u32, entry, 0).is_err() {
         lost(ErrorCode::MapFull);
         return 0;
     }
@@ -489,14 +489,14 @@ pub fn res_newtask(ctx: TracePointContext) -> u32 {
 pub fn res_exit(_ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current();
     // SAFETY: plain-data value, copied before the remove.
-    if let Some(&t) = unsafe { RES_THREADS.get(&tid) } {
-        let _ = RES_THREADS.remove(&tid);
+    if let Some(&t) = unsafe { RES_THREADS.get(tid) } {
+        let _ = RES_THREADS.remove(tid);
         stat(Stat::ThreadsExited);
         site_close(t.pid, t.stack_id, SITE_THREAD);
     }
     if tracked(tgid, u32::MAX).is_some() {
         pystack::forget_thread(tid);
-        let _ = RES_PENDING.remove(&tid);
+        let _ = RES_PENDING.remove(tid);
     }
     0
 }
@@ -507,8 +507,8 @@ pub fn res_exit(_ctx: TracePointContext) -> u32 {
 pub fn res_exec(_ctx: TracePointContext) -> u32 {
     let (tgid, _) = current();
     if tracked(tgid, u32::MAX).is_some() {
-        let _ = RES_PROCS.remove(&tgid);
-        let _ = pystack::PY_PROCS.remove(&tgid);
+        let _ = RES_PROCS.remove(tgid);
+        let _ = pystack::PY_PROCS.remove(tgid);
     }
     0
 }
@@ -517,11 +517,11 @@ pub fn res_exec(_ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn pstats(tgid: u32) -> Option<*mut ProcStats> {
-    if let Some(p) = RES_PSTATS.get_ptr_mut(&tgid) {
+    if let Some(p) = RES_PSTATS.get_ptr_mut(tgid) {
         return Some(p);
     }
-    let _ = RES_PSTATS.insert(&tgid, &ProcStats::default(), BPF_NOEXIST as u64);
-    RES_PSTATS.get_ptr_mut(&tgid)
+    let _ = RES_PSTATS.insert(tgid, ProcStats::default(), BPF_NOEXIST as u64);
+    RES_PSTATS.get_ptr_mut(tgid)
 }
 
 /// Takes one stack-capture token of the process's per-second budget.
@@ -583,7 +583,7 @@ pub fn res_fault(ctx: TracePointContext) -> u32 {
             pid: tgid,
             _pad: 0,
         };
-        let _ = RES_PAGES.insert(&page, &id, 0);
+        let _ = RES_PAGES.insert(page, id, 0);
         id
     } else {
         STACK_UNSAMPLED
@@ -595,7 +595,7 @@ pub fn res_fault(ctx: TracePointContext) -> u32 {
         kind: GROWTH_FAULT,
     };
     for _ in 0..2 {
-        if let Some(v) = RES_GROWTH.get_ptr_mut(&key) {
+        if let Some(v) = RES_GROWTH.get_ptr_mut(key) {
             // SAFETY: `v` points at a live map value.
             unsafe {
                 add(&raw mut (*v).events, 1);
@@ -607,7 +607,7 @@ pub fn res_fault(ctx: TracePointContext) -> u32 {
             events: 1,
             bytes: 4096,
         };
-        match RES_GROWTH.insert(&key, &v, BPF_NOEXIST as u64) {
+        match RES_GROWTH.insert(key, v, BPF_NOEXIST as u64) {
             Ok(()) => return 0,
             Err(-17) => continue,
             Err(_) => break,
@@ -636,7 +636,7 @@ pub fn res_mmap_enter(ctx: TracePointContext) -> u32 {
         what: PENDING_MMAP,
         args: [len, 0, 0],
     };
-    if RES_PENDING.insert(&tid, &pending, 0).is_err() {
+    if RES_PENDING.insert(tid, pending, 0).is_err() {
         lost(ErrorCode::MapFull);
     }
     0
@@ -647,10 +647,10 @@ pub fn res_mmap_enter(ctx: TracePointContext) -> u32 {
 pub fn res_mmap_exit(ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current();
     // SAFETY: plain-data value, copied before the remove.
-    let Some(&p) = (unsafe { RES_PENDING.get(&tid) }) else {
+    let Some(&p) = (unsafe { RES_PENDING.get(tid) }) else {
         return 0;
     };
-    let _ = RES_PENDING.remove(&tid);
+    let _ = RES_PENDING.remove(tid);
     if p.what != PENDING_MMAP {
         return 0;
     }
@@ -665,7 +665,7 @@ pub fn res_mmap_exit(ctx: TracePointContext) -> u32 {
         pid: tgid,
         _pad: 0,
     };
-    if RES_ARENAS.insert(&key, &p.args[0], 0).is_err() {
+    if RES_ARENAS.insert(key, p.args[0], 0).is_err() {
         lost(ErrorCode::MapFull);
         return 0;
     }
@@ -692,10 +692,10 @@ pub fn res_munmap(ctx: TracePointContext) -> u32 {
         _pad: 0,
     };
     // SAFETY: plain-data value, copied before the remove.
-    let Some(&len) = (unsafe { RES_ARENAS.get(&key) }) else {
+    let Some(&len) = (unsafe { RES_ARENAS.get(key) }) else {
         return 0;
     };
-    let _ = RES_ARENAS.remove(&key);
+    let _ = RES_ARENAS.remove(key);
     if let Some(s) = pstats(tgid) {
         // SAFETY: `s` points at a live map value.
         add(unsafe { &raw mut (*s).arena_unmapped }, len);
@@ -745,7 +745,7 @@ pub fn res_gc_sample(_ctx: PerfEventContext) -> u32 {
     if collecting != 0 {
         // SAFETY: as above.
         add(unsafe { &raw mut (*s).gc_samples_collecting }, 1);
-        if let Some(g) = RES_GC.get_ptr_mut(&tgid) {
+        if let Some(g) = RES_GC.get_ptr_mut(tgid) {
             // SAFETY: `g` points at a live map value.
             unsafe {
                 (*g).last_ns = t;
@@ -771,11 +771,11 @@ pub fn res_gc_sample(_ctx: PerfEventContext) -> u32 {
             (*state).before = before;
             (*state).samples = 1;
             (*state).tid = tid;
-            match RES_GC_PRE.get_ptr(&tgid) {
+            match RES_GC_PRE.get_ptr(tgid) {
                 Some(pre) => (*state).pre = *pre,
                 None => (*state).pre.len = 0,
             }
-            if RES_GC.insert(&tgid, &*state, 0).is_err() {
+            if RES_GC.insert(tgid, *state, 0).is_err() {
                 lost(ErrorCode::MapFull);
             }
         }
@@ -784,12 +784,12 @@ pub fn res_gc_sample(_ctx: PerfEventContext) -> u32 {
     if p.features & FEAT_GC_PRE != 0 {
         remember_pre(tgid, tid);
     }
-    let Some(g) = RES_GC.get_ptr(&tgid) else {
+    let Some(g) = RES_GC.get_ptr(tgid) else {
         return 0;
     };
     let Some(mut entry) = RES_GC_EVENTS.reserve::<GcPause>(0) else {
         lost(ErrorCode::RingBufFull);
-        let _ = RES_GC.remove(&tgid);
+        let _ = RES_GC.remove(tgid);
         return 0;
     };
     let out = entry.as_mut_ptr();
@@ -797,6 +797,8 @@ pub fn res_gc_sample(_ctx: PerfEventContext) -> u32 {
     // its last use); `out` at the reserved record, filled field by field.
     unsafe {
         let after = gc_counters(p).unwrap_or((*g).before);
+        // Three arrays indexed together, in a loop the verifier bounds.
+        #[allow(clippy::needless_range_loop)]
         for i in 0..GC_GENERATIONS {
             (*out).collections[i] = after[i]
                 .saturating_sub((*g).before[i])
@@ -811,7 +813,7 @@ pub fn res_gc_sample(_ctx: PerfEventContext) -> u32 {
         (*out).pre = (*g).pre;
     }
     entry.submit(0);
-    let _ = RES_GC.remove(&tgid);
+    let _ = RES_GC.remove(tgid);
     stat(Stat::GcPauses);
     0
 }
@@ -825,8 +827,8 @@ fn remember_pre(tgid: u32, tid: u32) {
     if stack.len == 0 {
         return;
     }
-    let Some(slot) = RES_GC_PRE.get_ptr_mut(&tgid) else {
-        let _ = RES_GC_PRE.insert(&tgid, &PreSample::default(), BPF_NOEXIST as u64);
+    let Some(slot) = RES_GC_PRE.get_ptr_mut(tgid) else {
+        let _ = RES_GC_PRE.insert(tgid, PreSample::default(), BPF_NOEXIST as u64);
         return;
     };
     // SAFETY: `slot` points at a live map value; the scratch stack is this
@@ -874,11 +876,11 @@ fn watch_hit(ctx: PerfEventContext) {
         _pad: 0,
     };
     for _ in 0..2 {
-        if let Some(v) = RES_WATCH.get_ptr_mut(&key) {
+        if let Some(v) = RES_WATCH.get_ptr_mut(key) {
             add(v, 1);
             return;
         }
-        match RES_WATCH.insert(&key, &1, BPF_NOEXIST as u64) {
+        match RES_WATCH.insert(key, 1, BPF_NOEXIST as u64) {
             Ok(()) => return,
             Err(-17) => continue,
             Err(_) => break,
