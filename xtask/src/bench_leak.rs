@@ -150,6 +150,10 @@ fn wait_bpf_live(tool: &mut Child, settle: Duration) -> anyhow::Result<()> {
     }
 }
 
+/// How long after its start a target begins its work, in every
+/// configuration (pymedic: eBPF loaded and the first checks done).
+const SETTLE: Duration = Duration::from_secs(10);
+
 #[derive(Clone, Copy, PartialEq)]
 enum Tool {
     Baseline,
@@ -165,14 +169,16 @@ fn measure(
     tool: Tool,
     pymedic_config: &Path,
     dir: &Path,
+    bin: &Path,
 ) -> anyhow::Result<(f64, f64)> {
     let mut target = Target::start(python, script, work)?;
+    let started = Instant::now();
     let pid = target.pid().to_string();
     let mut attached: Option<Child> = None;
     match tool {
         Tool::Baseline => {}
         Tool::Pymedic => {
-            let mut c = Command::new(workspace_root().join("target/release/pymedic"))
+            let mut c = Command::new(bin)
                 .args(["diagnose", "--pid", &pid, "--duration", "15m", "--config"])
                 .arg(pymedic_config)
                 .stdout(Stdio::null())
@@ -198,6 +204,10 @@ fn measure(
             std::thread::sleep(Duration::from_secs(1));
         }
     }
+    // Every configuration lets the target idle as long before working
+    // (the tools' start-up included), so only the tool differs.
+    let idle = SETTLE.saturating_sub(started.elapsed());
+    std::thread::sleep(idle);
     let r = target.work();
     if let Some(mut c) = attached {
         let _ = c.kill();
@@ -214,6 +224,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Where and how long the series run.
 struct Run<'a> {
     python: &'a Path,
+    bin: &'a Path,
     rounds: usize,
     dir: &'a Path,
 }
@@ -239,7 +250,7 @@ fn series(
             };
             print!("bench leak: {label} round {}/{rounds}: {name} ... ", r + 1);
             std::io::stdout().flush()?;
-            let (c, w) = measure(python, script, work, t, pymedic_config, dir)?;
+            let (c, w) = measure(python, script, work, t, pymedic_config, dir, run.bin)?;
             println!("cpu {c:.2} s, wall {w:.2} s");
             cpu[i].push(c);
             wall[i].push(w);
@@ -263,8 +274,17 @@ pub fn run(rounds: usize, python: &Path) -> anyhow::Result<()> {
     if !setup::venv_dir().join("bin/memray").exists() {
         bail!("memray is not installed in target/venv: run `cargo xtask setup`");
     }
-    println!("bench leak: building pymedic (release)");
-    cmd::run(cmd::cargo().args(["build", "--release", "--quiet", "-p", "pymedic"]))?;
+    let bin = match std::env::var_os("PYMEDIC_BIN") {
+        // A binary built elsewhere (same sources), e.g. when this machine
+        // cannot spare a second release build.
+        Some(p) => PathBuf::from(p),
+        None => {
+            println!("bench leak: building pymedic (release)");
+            cmd::run(cmd::cargo().args(["build", "--release", "--quiet", "-p", "pymedic"]))?;
+            root.join("target/release/pymedic")
+        }
+    };
+    println!("bench leak: pymedic binary {}", bin.display());
     let dir = root.join("target/tmp/bench-leak");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
@@ -284,6 +304,7 @@ pub fn run(rounds: usize, python: &Path) -> anyhow::Result<()> {
     println!("bench leak: target interpreter {}", python.display());
     let run = Run {
         python,
+        bin: &bin,
         rounds,
         dir: &dir,
     };
