@@ -112,6 +112,7 @@ fn parse_all(files: &[SourceFile], opts: &Options) -> Result<(Vec<FileFacts>, u6
         opts.threads
     }
     .clamp(1, files.len().max(1));
+    let order = largest_first(files);
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
     let results: Vec<Vec<(usize, FileFacts, u64)>> = std::thread::scope(|s| {
@@ -123,8 +124,10 @@ fn parse_all(files: &[SourceFile], opts: &Options) -> Result<(Vec<FileFacts>, u6
                 .spawn_scoped(s, || {
                     let mut out = Vec::new();
                     loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(file) = files.get(i) else { break };
+                        let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                            break;
+                        };
+                        let file = &files[i];
                         let (facts, n) = parse_one(file);
                         out.push((i, facts, n));
                         let d = done.fetch_add(1, Ordering::Relaxed) + 1;
@@ -150,11 +153,27 @@ fn parse_all(files: &[SourceFile], opts: &Options) -> Result<(Vec<FileFacts>, u6
     Ok((all.into_iter().map(|(_, f, _)| f).collect(), bytes))
 }
 
+/// File indices, largest file first: workers take the next file as they
+/// finish one, so the big ones start early and the small ones fill the gaps
+/// at the end instead of one worker finishing a large file alone.
+fn largest_first(files: &[SourceFile]) -> Vec<usize> {
+    let sizes: Vec<u64> = files
+        .iter()
+        .map(|f| std::fs::metadata(&f.path).map_or(0, |m| m.len()))
+        .collect();
+    let mut order: Vec<usize> = (0..files.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(sizes[i]));
+    order
+}
+
 fn parse_one(file: &SourceFile) -> (FileFacts, u64) {
     match std::fs::read(&file.path) {
         Ok(bytes) => {
             let n = bytes.len() as u64;
-            let text = String::from_utf8_lossy(&bytes);
+            // Valid UTF-8 (nearly every file) is validated at memory speed;
+            // only a broken file pays for the lossy copy.
+            let text = String::from_utf8(bytes)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
             (crate::extract::extract(file, &text), n)
         }
         Err(e) => {
