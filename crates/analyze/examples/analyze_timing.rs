@@ -2,7 +2,8 @@
 //! `cargo run --release -p pymedic-analyze --example analyze_timing -- TREE [ROUNDS]`.
 //! Prints, per round, discovery, parse-only (ruff on every file, all
 //! threads), and the full analysis (parse + extract + whole-program passes),
-//! then the medians.
+//! then the medians. With `ANALYZE_TIMING_FINDINGS=FILE` it also writes the
+//! findings as JSON (to check that an optimisation changed none).
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -47,6 +48,10 @@ fn main() {
         full.push(t.elapsed().as_secs_f64());
         cpus.push(cpu() - c);
         extract.push(a.parse_time.as_secs_f64());
+        if let Some(out) = std::env::var_os("ANALYZE_TIMING_FINDINGS") {
+            let json = serde_json::to_vec(&a.findings).expect("serialize findings");
+            std::fs::write(out, json).expect("write findings");
+        }
         std::mem::forget(a);
     }
     let med = |v: &mut Vec<f64>| {

@@ -4,7 +4,7 @@
 //! and what it is ([`Ty`]: a module, class, function, instance of a project
 //! class, or something external such as `threading.Lock` or `requests.get`).
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::OnceLock;
 
 use pymedic_model::Location;
@@ -77,9 +77,9 @@ pub struct Ctx {
 /// All files' facts and the module table.
 pub struct Program {
     pub files: Vec<FileFacts>,
-    pub modules: HashMap<String, u32>,
+    pub modules: FxHashMap<String, u32>,
     /// Method name → the project methods of that name.
-    methods: HashMap<String, Vec<FnId>>,
+    methods: FxHashMap<String, Vec<FnId>>,
     /// Dense function numbering: file i's functions start at `fn_base[i]`.
     fn_base: Vec<u32>,
     /// Per dense function, per call site: what it calls (computed once).
@@ -90,8 +90,8 @@ pub struct Program {
 
 impl Program {
     pub fn new(files: Vec<FileFacts>) -> Program {
-        let mut modules = HashMap::new();
-        let mut methods: HashMap<String, Vec<FnId>> = HashMap::new();
+        let mut modules = FxHashMap::default();
+        let mut methods: FxHashMap<String, Vec<FnId>> = FxHashMap::default();
         let mut fn_base = Vec::with_capacity(files.len());
         let mut n = 0u32;
         for (i, f) in files.iter().enumerate() {

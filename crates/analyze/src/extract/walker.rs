@@ -153,7 +153,7 @@ impl FnWalker<'_, '_, '_> {
                         let env = self.env;
                         let value = value_of(v, &|e| env.path(e));
                         let attrs = &mut self.cx.facts.classes[class].attrs;
-                        attrs.entry(a.attr.id.to_string()).or_insert(Attr {
+                        attrs.entry(a.attr.id.as_str().to_owned()).or_insert(Attr {
                             value,
                             line,
                             class_level: false,
@@ -197,7 +197,9 @@ impl<'a> Visitor<'a> for FnWalker<'_, '_, '_> {
                 let child = self
                     .cx
                     .function(f, self.class, Some((self.idx, env)), &prefix);
-                self.func().local_defs.insert(f.name.id.to_string(), child);
+                self.func()
+                    .local_defs
+                    .insert(f.name.id.as_str().to_owned(), child);
             }
             Stmt::ClassDef(_) => {}
             Stmt::Import(_) | Stmt::ImportFrom(_) => self.cx.import(stmt, true, true),

@@ -256,7 +256,7 @@ pub(super) fn released_locks(body: &[Stmt], out: &mut BTreeSet<String>) {
 /// `a.b.c` as text, for lock keys.
 pub(super) fn expr_text(e: &Expr) -> Option<String> {
     match e {
-        Expr::Name(n) => Some(n.id.to_string()),
+        Expr::Name(n) => Some(n.id.as_str().to_owned()),
         Expr::Attribute(a) => Some(format!("{}.{}", expr_text(&a.value)?, a.attr.id)),
         _ => None,
     }
