@@ -2,7 +2,7 @@
 //! `cargo run --release -p pymedic-analyze --example analyze_timing -- TREE [ROUNDS]`.
 //! Prints, per round, discovery, parse-only (ruff on every file, all
 //! threads), and the full analysis (parse + extract + whole-program passes),
-//! then the medians. With `ANALYZE_TIMING_FINDINGS=FILE` it also writes the
+//! then the medians, with the CPU time of the parse-only and full runs. With `ANALYZE_TIMING_FINDINGS=FILE` it also writes the
 //! findings as JSON (to check that an optimisation changed none).
 
 #[global_allocator]
@@ -17,14 +17,15 @@ fn main() {
     let tree = PathBuf::from(args.next().unwrap_or_else(|| "/usr/lib/python3.11".into()));
     let rounds: usize = args.next().map_or(5, |r| r.parse().expect("rounds"));
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let (mut disc, mut parse, mut full, mut extract, mut cpus) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut disc, mut parse, mut parse_cpus, mut full, mut extract, mut passes, mut cpus) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..rounds {
         let t = Instant::now();
         let files = pymedic_analyze::source::discover(&tree).expect("discover");
         disc.push(t.elapsed().as_secs_f64());
 
         let t = Instant::now();
+        let c = cpu();
         let next = AtomicUsize::new(0);
         std::thread::scope(|s| {
             for _ in 0..threads {
@@ -41,6 +42,7 @@ fn main() {
             }
         });
         parse.push(t.elapsed().as_secs_f64());
+        parse_cpus.push(cpu() - c);
 
         let t = Instant::now();
         let c = cpu();
@@ -48,6 +50,7 @@ fn main() {
         full.push(t.elapsed().as_secs_f64());
         cpus.push(cpu() - c);
         extract.push(a.parse_time.as_secs_f64());
+        passes.push((a.total_time - a.parse_time).as_secs_f64());
         if let Some(out) = std::env::var_os("ANALYZE_TIMING_FINDINGS") {
             let json = serde_json::to_vec(&a.findings).expect("serialize findings");
             std::fs::write(out, json).expect("write findings");
@@ -59,10 +62,13 @@ fn main() {
         v[v.len() / 2] * 1e3
     };
     println!(
-        "median of {rounds}: discover {:.1} ms, ruff parse only {:.1} ms, parse+extract {:.1} ms, full analyze {:.1} ms (cpu {:.1} ms)",
+        "median of {rounds}: discover {:.1} ms, ruff parse only {:.1} ms (cpu {:.1} ms), \
+         parse+extract {:.1} ms, whole-program passes {:.1} ms, full analyze {:.1} ms (cpu {:.1} ms)",
         med(&mut disc),
         med(&mut parse),
+        med(&mut parse_cpus),
         med(&mut extract),
+        med(&mut passes),
         med(&mut full),
         med(&mut cpus)
     );

@@ -150,7 +150,7 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
                         && blocks[i].is_none()
                     {
                         blocks[i] = Some(Block {
-                            what: q.clone(),
+                            what: q.to_string(),
                             severity,
                             fix,
                             chain: vec![(id, c.line)],
@@ -198,7 +198,7 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
             }
             let block = match callee {
                 Callee::External(q) => blocking_call(q).map(|(severity, fix)| Block {
-                    what: q.clone(),
+                    what: q.to_string(),
                     severity,
                     fix,
                     chain: Vec::new(),
