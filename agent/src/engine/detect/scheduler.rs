@@ -92,12 +92,16 @@ struct Target {
     busy_level: u32,
 }
 
-/// What a check hands back: the watch (to keep), whether it started, and
-/// the findings (`None`: the detector does not apply).
+/// What a check hands back: the watch (to keep), whether it started, the
+/// findings (`None`: the detector does not apply), the CPU time spent
+/// starting the watch (not charged to the check's spacing), and when the
+/// check proper started.
 type CheckOutcome = (
     Option<Box<dyn Watch>>,
     bool,
     Result<Option<Vec<Finding>>, DetectError>,
+    u64,
+    Timestamp,
 );
 
 struct Done {
@@ -261,11 +265,12 @@ impl Scheduler {
             let done_tx = self.done_tx.clone();
             self.running += 1;
             tokio::task::spawn_blocking(move || {
-                let at = pymedic_model::now();
                 let t0 = thread_cpu_ns();
-                let (watch, started, result) =
-                    run_check(&entry, &info, watch, started, at, since_last);
-                let cost_ns = thread_cpu_ns().saturating_sub(t0);
+                let (watch, started, result, setup_ns, at) =
+                    run_check(&entry, &info, watch, started, since_last);
+                // Starting a watch (loading eBPF, parsing ELF) happens once:
+                // only the check itself spaces the next one.
+                let cost_ns = thread_cpu_ns().saturating_sub(t0).saturating_sub(setup_ns);
                 let _ = done_tx.send(Done {
                     target: id,
                     slot,
@@ -367,7 +372,13 @@ impl Scheduler {
             entry.interval,
             done.cost_ns,
             n_det,
-            busy_level + failures.min(16),
+            // Detectors that only read the kernel's aggregates do not touch
+            // the target, so a busy target does not slow them down.
+            if entry.detector.backs_off_when_busy() {
+                busy_level
+            } else {
+                0
+            } + failures.min(16),
             &self.budget,
         );
         self.schedule(id, done.slot, Instant::now() + delay);
@@ -379,21 +390,27 @@ fn run_check(
     info: &TargetInfo,
     mut watch: Option<Box<dyn Watch>>,
     mut started: bool,
-    now: Timestamp,
     since_last: Duration,
 ) -> CheckOutcome {
+    let mut setup_ns = 0;
     if !started {
-        match entry.detector.watch(info) {
+        let t0 = thread_cpu_ns();
+        let made = entry.detector.watch(info);
+        setup_ns = thread_cpu_ns().saturating_sub(t0);
+        match made {
             Ok(Some(w)) => {
                 watch = Some(w);
                 started = true;
             }
-            Ok(None) => return (None, false, Ok(None)),
-            Err(e) => return (None, false, Err(e)),
+            Ok(None) => return (None, false, Ok(None), setup_ns, pymedic_model::now()),
+            Err(e) => return (None, false, Err(e), setup_ns, pymedic_model::now()),
         }
     }
+    // Findings are stamped when the check proper starts (after a slow
+    // watch start-up such as loading eBPF).
+    let now = pymedic_model::now();
     let Some(w) = watch.as_mut() else {
-        return (None, started, Ok(None));
+        return (None, started, Ok(None), setup_ns, now);
     };
     let cx = CheckContext {
         target: info,
@@ -401,7 +418,7 @@ fn run_check(
         since_last,
     };
     let result = w.check(&cx).map(Some);
-    (watch, started, result)
+    (watch, started, result, setup_ns, now)
 }
 
 /// The delay until a slot's next check.
