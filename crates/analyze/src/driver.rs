@@ -136,10 +136,7 @@ fn parse_all(files: &[SourceFile], opts: &Options) -> Result<(Vec<FileFacts>, u6
                 .stack_size(64 << 20)
                 .spawn_scoped(s, || {
                     let mut out = Vec::new();
-                    loop {
-                        let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                            break;
-                        };
+                    while let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
                         let file = &files[i];
                         let (facts, n) = parse_one(file);
                         out.push((i, facts, n));
