@@ -61,13 +61,14 @@ enum Which {
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         Which::Dump => dump(&args),
-        // Each run parses ~300k lines on both sides: a few runs suffice.
+        // Each round parses ~300k lines on both sides: 9 rounds (median)
+        // take ~15 s.
         Which::Analyze => crate::bench_analyze::analyze(
             &args.tree,
             args.python
                 .as_deref()
                 .unwrap_or(std::path::Path::new("/usr/bin/python3.11")),
-            args.runs.min(5) as u32,
+            args.runs.min(9) as u32,
         ),
         Which::Record => crate::bench_record::record(args.rounds, args.python.as_deref()),
         Which::Leak => crate::bench_leak::run(

@@ -4,8 +4,6 @@
 //! loop. Found directly in the coroutine, or through any chain of
 //! synchronous project functions it calls.
 
-use std::collections::HashMap;
-
 use pymedic_model::{Finding, Kind, Layer, Related, Severity};
 use serde_json::json;
 
@@ -139,54 +137,49 @@ struct Block {
 pub(crate) fn findings(p: &Program) -> Vec<Finding> {
     let acquires = resolved_acquires(p);
     let callees = p.callees();
-    // Direct blocking in every function.
-    let mut blocks: HashMap<FnId, Block> = HashMap::new();
-    let mut project_calls: HashMap<FnId, Vec<(FnId, u32)>> = HashMap::new();
+    // Direct blocking in every function, by dense function index.
+    let n = p.fn_count();
+    let mut blocks: Vec<Option<Block>> = vec![None; n];
+    let mut project_calls: Vec<Vec<(FnId, u32)>> = vec![Vec::new(); n];
     for (i, (id, f)) in p.functions().enumerate() {
-        let mut pc = Vec::new();
         for (c, callee) in f.calls.iter().zip(&callees[i]) {
             match callee {
                 Callee::External(q) if !c.awaited => {
                     if let Some((severity, fix)) = blocking_call(q)
                         && !f.is_async
+                        && blocks[i].is_none()
                     {
-                        blocks.entry(id).or_insert(Block {
-                            what: q.clone(),
+                        blocks[i] = Some(Block {
+                            what: q.to_string(),
                             severity,
                             fix,
                             chain: vec![(id, c.line)],
                         });
                     }
                 }
-                Callee::Project(g) if !c.awaited && *g != id => pc.push((*g, c.line)),
+                Callee::Project(g) if !c.awaited && *g != id => project_calls[i].push((*g, c.line)),
                 _ => {}
             }
-        }
-        if !pc.is_empty() {
-            project_calls.insert(id, pc);
         }
     }
     // Through synchronous project callees.
     let ids: Vec<FnId> = p.functions().map(|(id, _)| id).collect();
     for _ in 0..16 {
         let mut changed = false;
-        for id in &ids {
-            if blocks.contains_key(id) || p.function(*id).is_async {
+        for (i, id) in ids.iter().enumerate() {
+            if blocks[i].is_some() || p.function(*id).is_async {
                 continue;
             }
-            let Some(calls) = project_calls.get(id) else {
-                continue;
-            };
-            let found = calls.iter().find_map(|(g, line)| {
-                let b = blocks.get(g)?;
+            let found = project_calls[i].iter().find_map(|(g, line)| {
+                let b = blocks[p.dense(*g)].as_ref()?;
                 (!p.function(*g).is_async && b.chain.len() < 8).then(|| {
                     let mut chain = vec![(*id, *line)];
                     chain.extend(b.chain.iter().copied());
                     Block { chain, ..b.clone() }
                 })
             });
-            if let Some(b) = found {
-                blocks.insert(*id, b);
+            if found.is_some() {
+                blocks[i] = found;
                 changed = true;
             }
         }
@@ -205,12 +198,12 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
             }
             let block = match callee {
                 Callee::External(q) => blocking_call(q).map(|(severity, fix)| Block {
-                    what: q.clone(),
+                    what: q.to_string(),
                     severity,
                     fix,
                     chain: Vec::new(),
                 }),
-                Callee::Project(g) if !p.function(*g).is_async => blocks.get(g).cloned(),
+                Callee::Project(g) if !p.function(*g).is_async => blocks[p.dense(*g)].clone(),
                 _ => None,
             };
             if let Some(b) = block {

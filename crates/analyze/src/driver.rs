@@ -64,24 +64,37 @@ pub fn analyze_files(
     let parse_time = started.elapsed();
     let lines = facts.iter().map(|f| u64::from(f.lines)).sum();
     let program = Program::new(facts);
-    let graph = imports::graph(&program);
-    // Resolve every call once (two threads), then the passes side by side.
-    program.callees();
     let p = &program;
-    let mut findings = std::thread::scope(|s| {
+    // Every whole-program pass at once: the call and lock resolutions the
+    // lock and event-loop passes share (`OnceLock`s: those passes wait for
+    // them), while this thread builds the import graph and runs the passes
+    // that need neither.
+    let (graph, mut findings) = std::thread::scope(|s| {
+        let callees = s.spawn(|| {
+            p.callees();
+        });
+        let acquires = s.spawn(|| {
+            locks::resolved_acquires(p);
+        });
         let locks = s.spawn(|| locks::findings(p));
         let blocking = s.spawn(|| blocking::findings(p));
+        let graph = imports::graph(p);
         let mut out = report::syntax_errors(p);
         out.extend(imports::cycle_findings(p, &graph));
         out.extend(report::leak_findings(p));
         out.extend(containers::findings(p));
+        for h in [callees, acquires] {
+            if let Err(panic) = h.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
         for h in [locks, blocking] {
             match h.join() {
                 Ok(f) => out.extend(f),
                 Err(panic) => std::panic::resume_unwind(panic),
             }
         }
-        out
+        (graph, out)
     });
     findings.sort_by(|a, b| {
         b.severity
@@ -112,6 +125,7 @@ fn parse_all(files: &[SourceFile], opts: &Options) -> Result<(Vec<FileFacts>, u6
         opts.threads
     }
     .clamp(1, files.len().max(1));
+    let order = largest_first(files);
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
     let results: Vec<Vec<(usize, FileFacts, u64)>> = std::thread::scope(|s| {
@@ -122,9 +136,8 @@ fn parse_all(files: &[SourceFile], opts: &Options) -> Result<(Vec<FileFacts>, u6
                 .stack_size(64 << 20)
                 .spawn_scoped(s, || {
                     let mut out = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(file) = files.get(i) else { break };
+                    while let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        let file = &files[i];
                         let (facts, n) = parse_one(file);
                         out.push((i, facts, n));
                         let d = done.fetch_add(1, Ordering::Relaxed) + 1;
@@ -150,11 +163,27 @@ fn parse_all(files: &[SourceFile], opts: &Options) -> Result<(Vec<FileFacts>, u6
     Ok((all.into_iter().map(|(_, f, _)| f).collect(), bytes))
 }
 
+/// File indices, largest file first: workers take the next file as they
+/// finish one, so the big ones start early and the small ones fill the gaps
+/// at the end instead of one worker finishing a large file alone.
+fn largest_first(files: &[SourceFile]) -> Vec<usize> {
+    let sizes: Vec<u64> = files
+        .iter()
+        .map(|f| std::fs::metadata(&f.path).map_or(0, |m| m.len()))
+        .collect();
+    let mut order: Vec<usize> = (0..files.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(sizes[i]));
+    order
+}
+
 fn parse_one(file: &SourceFile) -> (FileFacts, u64) {
     match std::fs::read(&file.path) {
         Ok(bytes) => {
             let n = bytes.len() as u64;
-            let text = String::from_utf8_lossy(&bytes);
+            // Valid UTF-8 (nearly every file) is validated at memory speed;
+            // only a broken file pays for the lossy copy.
+            let text = String::from_utf8(bytes)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
             (crate::extract::extract(file, &text), n)
         }
         Err(e) => {

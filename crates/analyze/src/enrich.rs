@@ -20,7 +20,7 @@
 //! `blocked_event_loop` ← `blocked_event_loop`; `memory_leak` ← `memory_leak`.
 //! Analyses are cached per project directory.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -36,7 +36,7 @@ const MAX_RELATED: usize = 24;
 /// Explains runtime findings from source; caches one analysis per project.
 #[derive(Default)]
 pub struct Enricher {
-    cache: Mutex<HashMap<PathBuf, Arc<Analysis>>>,
+    cache: Mutex<FxHashMap<PathBuf, Arc<Analysis>>>,
 }
 
 /// One-shot [`Enricher::explain`] without a cache.

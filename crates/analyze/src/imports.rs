@@ -3,7 +3,8 @@
 //! import time, and the impact of changing a module (who depends on it,
 //! directly and transitively).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use rustc_hash::FxHashMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::Path;
 
 use pymedic_model::{Finding, Kind, Layer, Related, Severity};
@@ -154,11 +155,11 @@ impl ImportGraph {
     /// What depends on module `target`, directly and transitively (every
     /// import, deferred ones included).
     pub fn impact(&self, p: &Program, target: u32) -> Impact {
-        let mut rev: HashMap<u32, Vec<&ImportEdge>> = HashMap::new();
+        let mut rev: FxHashMap<u32, Vec<&ImportEdge>> = FxHashMap::default();
         for e in &self.edges {
             rev.entry(e.to).or_default().push(e);
         }
-        let mut seen: HashMap<u32, (u32, u32, u32)> = HashMap::new(); // node → (depth, next, line)
+        let mut seen: FxHashMap<u32, (u32, u32, u32)> = FxHashMap::default(); // node → (depth, next, line)
         let mut queue = VecDeque::from([target]);
         seen.insert(target, (0, target, 0));
         while let Some(n) = queue.pop_front() {
@@ -298,7 +299,7 @@ pub(crate) fn sccs(n: usize, adj: &[Vec<u32>]) -> Vec<Vec<u32>> {
 
 /// The shortest cycle through `start` inside `members` (BFS).
 pub(crate) fn shortest_cycle(start: u32, members: &BTreeSet<u32>, adj: &[Vec<u32>]) -> Vec<u32> {
-    let mut prev: HashMap<u32, u32> = HashMap::new();
+    let mut prev: FxHashMap<u32, u32> = FxHashMap::default();
     let mut queue = VecDeque::from([start]);
     while let Some(v) = queue.pop_front() {
         for &w in &adj[v as usize] {
@@ -329,7 +330,7 @@ pub(crate) fn shortest_cycle(start: u32, members: &BTreeSet<u32>, adj: &[Vec<u32
 pub(crate) fn cycle_findings(p: &Program, g: &ImportGraph) -> Vec<Finding> {
     let n = p.files.len();
     let mut adj = vec![Vec::new(); n];
-    let mut site: HashMap<(u32, u32), u32> = HashMap::new();
+    let mut site: FxHashMap<(u32, u32), u32> = FxHashMap::default();
     for e in g.edges.iter().filter(|e| !e.deferred) {
         adj[e.from as usize].push(e.to);
         site.insert((e.from, e.to), e.line);

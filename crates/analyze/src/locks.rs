@@ -9,7 +9,8 @@
 //! Locks always taken in one order, however many functions take them,
 //! form no cycle and are not reported.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use rustc_hash::FxHashMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use pymedic_model::{Finding, Kind, Layer, Related, Severity};
 use serde::Serialize;
@@ -78,7 +79,7 @@ pub fn resolve_lock(
     id: FnId,
     path: &PathRef,
     via: AcquireVia,
-    unique_attr: &HashMap<String, Vec<(Place, LockFlavor)>>,
+    unique_attr: &FxHashMap<String, Vec<(Place, LockFlavor)>>,
 ) -> Option<Lock> {
     let r = p.resolve(p.ctx(id), path);
     let flavor = match &r.ty {
@@ -150,8 +151,8 @@ pub fn resolve_lock(
 }
 
 /// Class attributes that hold locks, by attribute name.
-fn lock_attrs(p: &Program) -> HashMap<String, Vec<(Place, LockFlavor)>> {
-    let mut out: HashMap<String, Vec<(Place, LockFlavor)>> = HashMap::new();
+fn lock_attrs(p: &Program) -> FxHashMap<String, Vec<(Place, LockFlavor)>> {
+    let mut out: FxHashMap<String, Vec<(Place, LockFlavor)>> = FxHashMap::default();
     for (fi, file) in p.files.iter().enumerate() {
         for (ci, class) in file.classes.iter().enumerate() {
             let cid = crate::symbols::ClassId {
@@ -444,7 +445,7 @@ fn add_edge(g: &mut LockGraph, from: &str, to: &str, site: EdgeSite) {
 /// component), each as its list of locks.
 pub fn cycles(g: &LockGraph) -> Vec<Vec<String>> {
     let names: Vec<&String> = g.locks.keys().collect();
-    let index: HashMap<&str, u32> = names
+    let index: FxHashMap<&str, u32> = names
         .iter()
         .enumerate()
         .map(|(i, n)| (n.as_str(), i as u32))

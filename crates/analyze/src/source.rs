@@ -1,7 +1,7 @@
 //! Finding the Python files of a tree, naming their modules, and mapping
 //! byte offsets to 1-based lines.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::path::{Path, PathBuf};
 
 use crate::AnalyzeError;
@@ -107,7 +107,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), AnalyzeError> {
 /// every enclosing directory with an `__init__.py`.
 #[derive(Default)]
 struct ModuleNamer {
-    is_package_dir: HashMap<PathBuf, bool>,
+    is_package_dir: FxHashMap<PathBuf, bool>,
 }
 
 impl ModuleNamer {

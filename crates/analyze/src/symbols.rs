@@ -4,7 +4,7 @@
 //! and what it is ([`Ty`]: a module, class, function, instance of a project
 //! class, or something external such as `threading.Lock` or `requests.get`).
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::OnceLock;
 
 use pymedic_model::Location;
@@ -77,9 +77,9 @@ pub struct Ctx {
 /// All files' facts and the module table.
 pub struct Program {
     pub files: Vec<FileFacts>,
-    pub modules: HashMap<String, u32>,
+    pub modules: FxHashMap<String, u32>,
     /// Method name → the project methods of that name.
-    methods: HashMap<String, Vec<FnId>>,
+    methods: FxHashMap<String, Vec<FnId>>,
     /// Dense function numbering: file i's functions start at `fn_base[i]`.
     fn_base: Vec<u32>,
     /// Per dense function, per call site: what it calls (computed once).
@@ -90,8 +90,8 @@ pub struct Program {
 
 impl Program {
     pub fn new(files: Vec<FileFacts>) -> Program {
-        let mut modules = HashMap::new();
-        let mut methods: HashMap<String, Vec<FnId>> = HashMap::new();
+        let mut modules = FxHashMap::default();
+        let mut methods: FxHashMap<String, Vec<FnId>> = FxHashMap::default();
         let mut fn_base = Vec::with_capacity(files.len());
         let mut n = 0u32;
         for (i, f) in files.iter().enumerate() {
@@ -148,14 +148,28 @@ impl Program {
         self.callees.get_or_init(|| {
             let ids: Vec<FnId> = self.functions().map(|(id, _)| id).collect();
             let resolve = |chunk: &[FnId]| -> Vec<Vec<Callee>> {
+                // The same callee text (`len`, `self._send`, `os.path.join`)
+                // recurs across a file: resolve it once per scope it can
+                // mean something different in.
+                let mut memo: FxHashMap<CalleeKey<'_>, Callee> = FxHashMap::default();
+                let mut file = u32::MAX;
                 chunk
                     .iter()
                     .map(|&id| {
+                        if id.file != file {
+                            memo.clear();
+                            file = id.file;
+                        }
                         let ctx = self.ctx(id);
+                        let scope = self.has_local_defs(id).then_some(id.func);
                         self.function(id)
                             .calls
                             .iter()
-                            .map(|c| self.callee(ctx, &c.callee))
+                            .map(|c| {
+                                memo.entry((ctx.class, scope, &c.callee))
+                                    .or_insert_with(|| self.callee(ctx, &c.callee))
+                                    .clone()
+                            })
                             .collect()
                     })
                     .collect()
@@ -172,6 +186,22 @@ impl Program {
                 out
             })
         })
+    }
+
+    /// Whether names in `id` can resolve to nested `def`s (its own or an
+    /// enclosing function's), so resolution depends on the function itself
+    /// and not only on its file and class.
+    fn has_local_defs(&self, id: FnId) -> bool {
+        let file = &self.files[id.file as usize];
+        let mut func = Some(id.func as usize);
+        while let Some(fi) = func {
+            let f = &file.functions[fi];
+            if !f.local_defs.is_empty() {
+                return true;
+            }
+            func = f.parent;
+        }
+        false
     }
 
     pub fn function(&self, id: FnId) -> &FunctionFacts {
@@ -503,7 +533,7 @@ impl Program {
                 Some(f) => Callee::Project(f),
                 None => Callee::Unknown,
             },
-            Ty::Ext(q) => Callee::External(q),
+            Ty::Ext(q) => Callee::External(q.into()),
             Ty::Unknown => self.unique_method(callee),
             _ => Callee::Unknown,
         }
@@ -532,11 +562,16 @@ impl ClassId {
     }
 }
 
+/// A callee's resolution scope within one file: the class (for `self`),
+/// the function when nested `def`s may shadow names, and the reference.
+type CalleeKey<'a> = (Option<u32>, Option<u32>, &'a PathRef);
+
 /// What a call site calls.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Callee {
     Project(FnId),
-    External(String),
+    /// A qualified name outside the project (shared: the same name recurs).
+    External(std::sync::Arc<str>),
     Unknown,
 }
 

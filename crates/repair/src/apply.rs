@@ -367,20 +367,34 @@ pub fn apply(repo: &Path, plan_id: &str, opts: &ApplyOptions) -> Result<Done, Re
     } else {
         None
     };
+    conclude(&store, plan, "applied", why, commit, paths, checks)
+}
+
+/// Records the outcome event (with the commit and files), drops the
+/// journal and reports what was done: the last step of apply and rollback.
+fn conclude(
+    store: &Store,
+    plan: Plan,
+    event: &str,
+    why: String,
+    commit: Option<String>,
+    files: Vec<String>,
+    checks: Vec<String>,
+) -> Result<Done, RepairError> {
     let mut ev = Event::new(
-        "applied",
+        event,
         &plan.id,
         &plan.finding.id.0,
         plan.finding.kind.as_str(),
         why,
     );
     ev.commit = commit.clone();
-    ev.files = paths.clone();
+    ev.files = files.clone();
     store.record(&ev)?;
-    finish(&store)?;
+    finish(store)?;
     Ok(Done {
         plan: plan.id,
-        files: paths,
+        files,
         commit,
         checks,
     })
@@ -557,21 +571,6 @@ pub fn rollback(
     } else {
         None
     };
-    let mut ev = Event::new(
-        "rolled_back",
-        &plan.id,
-        &plan.finding.id.0,
-        plan.finding.kind.as_str(),
-        why,
-    );
-    ev.commit = commit.clone();
-    ev.files = paths.clone();
-    store.record(&ev)?;
-    finish(&store)?;
-    Ok(Done {
-        plan: plan.id,
-        files: paths,
-        commit,
-        checks: vec!["every file restored byte for byte (sha256 matches the original)".into()],
-    })
+    let checks = vec!["every file restored byte for byte (sha256 matches the original)".into()];
+    conclude(&store, plan, "rolled_back", why, commit, paths, checks)
 }

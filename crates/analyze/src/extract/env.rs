@@ -1,7 +1,8 @@
 //! A function's locals and the references expressions denote: `self`,
 //! aliases (`lock = self._lock`), instances (`s = Store()`), annotations.
 
-use std::collections::{BTreeSet, HashMap};
+use rustc_hash::FxHashMap;
+use std::collections::BTreeSet;
 
 use ruff_python_ast::{self as ast, Expr, Stmt};
 
@@ -11,7 +12,7 @@ use crate::facts::*;
 /// can name, `None` for an opaque local. `outer` is the enclosing function's.
 #[derive(Default)]
 pub(crate) struct Env<'o> {
-    pub(super) vars: HashMap<String, Option<PathRef>>,
+    pub(super) vars: FxHashMap<String, Option<PathRef>>,
     pub(super) globals: BTreeSet<String>,
     pub(super) self_name: Option<String>,
     pub(super) outer: Option<&'o Env<'o>>,
@@ -38,7 +39,7 @@ impl Env<'_> {
             Expr::Name(n) => Some(self.name(n.id.as_str())),
             Expr::Attribute(a) => {
                 let mut p = self.path(&a.value)?;
-                p.attrs.push(a.attr.id.to_string());
+                p.attrs.push(a.attr.id.as_str().to_owned());
                 Some(p)
             }
             Expr::Call(c) => Some(PathRef {
@@ -89,7 +90,7 @@ pub(super) fn collect_locals(body: &[Stmt], env: &mut Env) {
         match stmt {
             Stmt::Global(g) => {
                 for n in &g.names {
-                    env.globals.insert(n.id.to_string());
+                    env.globals.insert(n.id.as_str().to_owned());
                 }
             }
             Stmt::Nonlocal(g) => {

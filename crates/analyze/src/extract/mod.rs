@@ -126,7 +126,7 @@ impl FileCx<'_> {
         match stmt {
             Stmt::Import(imp) => {
                 for alias in &imp.names {
-                    let full = alias.name.id.to_string();
+                    let full = alias.name.id.as_str().to_owned();
                     self.facts.imports.push(ImportFact {
                         module: full.clone(),
                         names: Vec::new(),
@@ -135,7 +135,7 @@ impl FileCx<'_> {
                     });
                     if bind {
                         let (name, binding) = match &alias.asname {
-                            Some(a) => (a.id.to_string(), Binding::Module(full)),
+                            Some(a) => (a.id.as_str().to_owned(), Binding::Module(full)),
                             None => {
                                 let top = full.split('.').next().unwrap_or_default().to_owned();
                                 (top.clone(), Binding::Module(top))
@@ -147,7 +147,11 @@ impl FileCx<'_> {
             }
             Stmt::ImportFrom(imp) => {
                 let module = self.absolute(imp.module.as_ref().map(|m| m.id.as_str()), imp.level);
-                let names: Vec<String> = imp.names.iter().map(|a| a.name.id.to_string()).collect();
+                let names: Vec<String> = imp
+                    .names
+                    .iter()
+                    .map(|a| a.name.id.as_str().to_owned())
+                    .collect();
                 self.facts.imports.push(ImportFact {
                     module: module.clone(),
                     names,
@@ -159,14 +163,20 @@ impl FileCx<'_> {
                         if alias.name.id.as_str() == "*" {
                             continue;
                         }
-                        let local = alias.asname.as_ref().unwrap_or(&alias.name).id.to_string();
+                        let local = alias
+                            .asname
+                            .as_ref()
+                            .unwrap_or(&alias.name)
+                            .id
+                            .as_str()
+                            .to_owned();
                         self.facts
                             .scope
                             .imports
                             .entry(local)
                             .or_insert(Binding::From {
                                 module: module.clone(),
-                                name: alias.name.id.to_string(),
+                                name: alias.name.id.as_str().to_owned(),
                             });
                     }
                 }
@@ -184,11 +194,14 @@ impl FileCx<'_> {
                     self.facts
                         .scope
                         .functions
-                        .insert(f.name.id.to_string(), idx);
+                        .insert(f.name.id.as_str().to_owned(), idx);
                 }
                 Stmt::ClassDef(c) => {
                     let idx = self.class(c, "");
-                    self.facts.scope.classes.insert(c.name.id.to_string(), idx);
+                    self.facts
+                        .scope
+                        .classes
+                        .insert(c.name.id.as_str().to_owned(), idx);
                 }
                 Stmt::Assign(a) => {
                     let value = self.module_value(&a.value);
@@ -197,7 +210,7 @@ impl FileCx<'_> {
                             self.facts
                                 .scope
                                 .globals
-                                .entry(n.id.to_string())
+                                .entry(n.id.as_str().to_owned())
                                 .or_insert(Global {
                                     value: value.clone(),
                                     line: self.lines.line(a.start().to_u32()),
@@ -212,7 +225,7 @@ impl FileCx<'_> {
                         self.facts
                             .scope
                             .globals
-                            .entry(n.id.to_string())
+                            .entry(n.id.as_str().to_owned())
                             .or_insert(Global { value, line });
                     }
                 }
@@ -255,7 +268,7 @@ impl FileCx<'_> {
             .map(|a| a.args.iter().filter_map(plain_path).collect())
             .unwrap_or_default();
         self.facts.classes.push(ClassFacts {
-            name: c.name.id.to_string(),
+            name: c.name.id.as_str().to_owned(),
             qualname: qualname.clone(),
             line: self.line(c),
             bases,
@@ -268,7 +281,7 @@ impl FileCx<'_> {
                     let fidx = self.function(f, Some(idx), None, &format!("{qualname}."));
                     self.facts.classes[idx]
                         .methods
-                        .insert(f.name.id.to_string(), fidx);
+                        .insert(f.name.id.as_str().to_owned(), fidx);
                 }
                 Stmt::Assign(a) => {
                     let value = self.module_value(&a.value);
@@ -277,7 +290,7 @@ impl FileCx<'_> {
                         if let Expr::Name(n) = t {
                             self.facts.classes[idx]
                                 .attrs
-                                .entry(n.id.to_string())
+                                .entry(n.id.as_str().to_owned())
                                 .or_insert(Attr {
                                     value: value.clone(),
                                     line,
@@ -293,7 +306,7 @@ impl FileCx<'_> {
                         let line = self.line(a);
                         self.facts.classes[idx]
                             .attrs
-                            .entry(n.id.to_string())
+                            .entry(n.id.as_str().to_owned())
                             .or_insert(Attr {
                                 value,
                                 line,
@@ -341,14 +354,17 @@ impl FileCx<'_> {
             .iter()
             .find_map(|d| unbounded_cache_decorator(&d.expression).then(|| self.line(d)));
         self.facts.functions.push(FunctionFacts {
-            name: f.name.id.to_string(),
+            name: f.name.id.as_str().to_owned(),
             qualname: qualname.clone(),
             class,
             parent: parent.map(|(p, _)| p),
             is_async: f.is_async,
             line: self.line(f),
             end_line: self.lines.line(f.end().to_u32().saturating_sub(1)),
-            params: params.iter().map(|p| p.name.id.to_string()).collect(),
+            params: params
+                .iter()
+                .map(|p| p.name.id.as_str().to_owned())
+                .collect(),
             consumes: Vec::new(),
             returns: f.returns.as_deref().and_then(annotation_path),
             decorators,
@@ -364,13 +380,13 @@ impl FileCx<'_> {
             ..Env::default()
         };
         let self_name = if class.is_some() && !is_static {
-            params.first().map(|p| p.name.id.to_string())
+            params.first().map(|p| p.name.id.as_str().to_owned())
         } else {
             None
         };
         env.self_name = self_name.clone();
         for p in &params {
-            let name = p.name.id.to_string();
+            let name = p.name.id.as_str().to_owned();
             if Some(&name) == self_name.as_ref() {
                 continue;
             }

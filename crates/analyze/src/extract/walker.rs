@@ -65,7 +65,13 @@ impl FnWalker<'_, '_, '_> {
     fn call(&mut self, c: &ast::ExprCall, awaited: bool) {
         let line = self.cx.line(c);
         let callee = self.env.path(&c.func);
-        if let Some(callee) = callee.clone() {
+        // What the call does to its receiver or first argument, decided
+        // before the callee moves into the call fact; applied after the
+        // arguments, which run first.
+        let effect = callee
+            .as_ref()
+            .map_or(CallEffect::None, |callee| self.effect(c, callee));
+        if let Some(callee) = callee {
             let held = self.held.clone();
             let range = c.range();
             self.func().calls.push(CallFact {
@@ -85,26 +91,38 @@ impl FnWalker<'_, '_, '_> {
         for k in &c.arguments.keywords {
             self.visit_expr(&k.value);
         }
-        let Some(callee) = callee else { return };
+        match effect {
+            CallEffect::None => {}
+            CallEffect::Acquire(recv) => {
+                self.acquire(recv, line, AcquireVia::Acquire);
+            }
+            CallEffect::Release(recv) => self.release(&recv),
+            CallEffect::Receiver(recv, op) => self.op(Some(recv), op, line),
+            CallEffect::FirstArg(first, op) => self.op(first, op, line),
+        }
+    }
+
+    /// What a call to `callee` does to a lock or container it names.
+    fn effect(&self, c: &ast::ExprCall, callee: &PathRef) -> CallEffect {
         let method = callee.last();
         let interesting = matches!(method, "acquire" | "release")
             || ADD_METHODS.contains(&method)
             || REMOVE_METHODS.contains(&method);
-        if interesting && let Some(recv) = receiver(&callee) {
-            match method {
-                "acquire" => {
-                    self.acquire(recv, line, AcquireVia::Acquire);
-                }
-                "release" => self.release(&recv),
+        if interesting && let Some(recv) = receiver(callee) {
+            return match method {
+                "acquire" => CallEffect::Acquire(recv),
+                "release" => CallEffect::Release(recv),
                 m if ADD_METHODS.contains(&m) => {
                     let constant_key =
                         m == "setdefault" && c.arguments.args.first().is_some_and(is_constant);
-                    if !constant_key {
-                        self.op(Some(recv), OpKind::Add, line);
+                    if constant_key {
+                        CallEffect::None
+                    } else {
+                        CallEffect::Receiver(recv, OpKind::Add)
                     }
                 }
-                _ => self.op(Some(recv), OpKind::Remove, line),
-            }
+                _ => CallEffect::Receiver(recv, OpKind::Remove),
+            };
         }
         let op = match method {
             "heappush" | "insort" | "insort_right" | "insort_left" => Some(OpKind::Add),
@@ -124,8 +142,9 @@ impl FnWalker<'_, '_, '_> {
             )
         {
             let first = c.arguments.args.first().and_then(|a| self.env.path(a));
-            self.op(first, op, line);
+            return CallEffect::FirstArg(first, op);
         }
+        CallEffect::None
     }
 
     fn store(&mut self, target: &Expr, value: Option<&Expr>, line: u32) {
@@ -153,7 +172,7 @@ impl FnWalker<'_, '_, '_> {
                         let env = self.env;
                         let value = value_of(v, &|e| env.path(e));
                         let attrs = &mut self.cx.facts.classes[class].attrs;
-                        attrs.entry(a.attr.id.to_string()).or_insert(Attr {
+                        attrs.entry(a.attr.id.as_str().to_owned()).or_insert(Attr {
                             value,
                             line,
                             class_level: false,
@@ -181,6 +200,17 @@ impl FnWalker<'_, '_, '_> {
 }
 
 /// `x.y.m` → `x.y` (the object a method is called on).
+/// What a call does to the lock or container it names.
+enum CallEffect {
+    None,
+    Acquire(PathRef),
+    Release(PathRef),
+    /// `recv.append(x)`, `recv.pop()`...
+    Receiver(PathRef, OpKind),
+    /// `heapq.heappush(first, x)`...
+    FirstArg(Option<PathRef>, OpKind),
+}
+
 pub(super) fn receiver(callee: &PathRef) -> Option<PathRef> {
     let mut p = callee.clone();
     p.attrs.pop()?;
@@ -197,7 +227,9 @@ impl<'a> Visitor<'a> for FnWalker<'_, '_, '_> {
                 let child = self
                     .cx
                     .function(f, self.class, Some((self.idx, env)), &prefix);
-                self.func().local_defs.insert(f.name.id.to_string(), child);
+                self.func()
+                    .local_defs
+                    .insert(f.name.id.as_str().to_owned(), child);
             }
             Stmt::ClassDef(_) => {}
             Stmt::Import(_) | Stmt::ImportFrom(_) => self.cx.import(stmt, true, true),

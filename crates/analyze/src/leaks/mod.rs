@@ -296,13 +296,15 @@ impl Walker<'_, '_> {
         let mut out = Vec::new();
         for t in targets {
             match t {
-                Expr::Name(n) if !tuple_result => out.push((n.id.to_string(), kind, by.clone())),
+                Expr::Name(n) if !tuple_result => {
+                    out.push((n.id.as_str().to_owned(), kind, by.clone()))
+                }
                 Expr::Tuple(tu) if tuple_result => {
                     let names: Vec<_> = tu.elts.iter().collect();
                     let take = if is_accept { 1 } else { names.len() };
                     for e in names.into_iter().take(take) {
                         if let Expr::Name(n) = e {
-                            out.push((n.id.to_string(), kind, by.clone()));
+                            out.push((n.id.as_str().to_owned(), kind, by.clone()));
                         }
                     }
                 }
@@ -693,7 +695,7 @@ fn assigned_names(stmt: &Stmt) -> Vec<String> {
     let mut out = Vec::new();
     let mut push = |t: &Expr| {
         if let Expr::Name(n) = t {
-            out.push(n.id.to_string());
+            out.push(n.id.as_str().to_owned());
         }
     };
     match stmt {

@@ -167,47 +167,35 @@ pub(super) fn callee_last(e: &Expr) -> &str {
     }
 }
 
+/// Finds a load of one name, stopping at the first.
+struct Mentions<'n> {
+    name: &'n str,
+    found: bool,
+}
+
+impl<'a> Visitor<'a> for Mentions<'_> {
+    fn visit_expr(&mut self, expr: &'a Expr) {
+        if self.found {
+            return;
+        }
+        if is_name(expr, self.name) {
+            self.found = true;
+            return;
+        }
+        visitor::walk_expr(self, expr);
+    }
+}
+
 /// Whether `name` occurs (as a load of that name) anywhere in `e`.
 pub(crate) fn mentions(e: &Expr, name: &str) -> bool {
-    struct M<'n> {
-        name: &'n str,
-        found: bool,
-    }
-    impl<'a> Visitor<'a> for M<'_> {
-        fn visit_expr(&mut self, expr: &'a Expr) {
-            if self.found {
-                return;
-            }
-            if is_name(expr, self.name) {
-                self.found = true;
-                return;
-            }
-            visitor::walk_expr(self, expr);
-        }
-    }
-    let mut m = M { name, found: false };
+    let mut m = Mentions { name, found: false };
     m.visit_expr(e);
     m.found
 }
 
+/// Whether `name` occurs (as a load of that name) anywhere in `s`.
 pub(super) fn stmt_mentions(s: &Stmt, name: &str) -> bool {
-    struct M<'n> {
-        name: &'n str,
-        found: bool,
-    }
-    impl<'a> Visitor<'a> for M<'_> {
-        fn visit_expr(&mut self, expr: &'a Expr) {
-            if self.found {
-                return;
-            }
-            if is_name(expr, self.name) {
-                self.found = true;
-                return;
-            }
-            visitor::walk_expr(self, expr);
-        }
-    }
-    let mut m = M { name, found: false };
+    let mut m = Mentions { name, found: false };
     m.visit_stmt(s);
     m.found
 }
@@ -256,7 +244,7 @@ pub(super) fn released_locks(body: &[Stmt], out: &mut BTreeSet<String>) {
 /// `a.b.c` as text, for lock keys.
 pub(super) fn expr_text(e: &Expr) -> Option<String> {
     match e {
-        Expr::Name(n) => Some(n.id.to_string()),
+        Expr::Name(n) => Some(n.id.as_str().to_owned()),
         Expr::Attribute(a) => Some(format!("{}.{}", expr_text(&a.value)?, a.attr.id)),
         _ => None,
     }
