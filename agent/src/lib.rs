@@ -15,3 +15,4 @@ pub mod metrics;
 pub mod procinfo;
 pub mod profile;
 pub mod pystack;
+pub mod waits;

@@ -19,6 +19,9 @@ pub mod objects {
     /// CPU and off-CPU profiling (perf events, sched_switch) with the
     /// shared Python stack walker.
     pub static PROFILE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profile"));
+    /// Futex waits and wakes with Python stacks, event-loop steps (the
+    /// temporal detectors' shared sensor).
+    pub static WAITS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/waits"));
 }
 
 /// Errors of the eBPF subsystem.

@@ -10,3 +10,4 @@ pub mod discovery;
 pub mod errors;
 pub mod profile;
 pub mod pystack;
+pub mod waits;

@@ -1,11 +1,20 @@
 //! `deadlock`: threads waiting for each other's locks, read from the target's
-//! memory every few seconds without stopping it (the `dump` engine:
-//! [`crate::dump::Dumper`] and [`crate::deadlock::analyze`]). A cycle is
-//! reported only when two consecutive checks see it, so a transient state
-//! never becomes a finding; the finding resolves when a check no longer
-//! sees the cycle.
+//! memory without stopping it (the `dump` engine: [`crate::dump::Dumper`]
+//! and [`crate::deadlock::analyze`]).
 //!
-//! Cheap when nothing can be deadlocked: a thread in a lock deadlock is
+//! Event-driven: the shared waits sensor ([`crate::waits`]) sees every
+//! thread that blocks in `futex(2)` as it happens. A check (every 250 ms)
+//! reads that in-kernel list; only when some thread has stayed in a
+//! wait without timeout for `trigger` (default 1 s) are the threads read
+//! and analysed, and a cycle is confirmed by a second snapshot 150 ms later
+//! (a transient state never becomes a finding). So a deadlock is reported
+//! about `trigger` + 0.4 s after it forms; `evidence.blocked_for_ms` says
+//! how long its threads had been blocked when it was confirmed. While the
+//! same threads stay blocked on the same addresses the verdict stands
+//! without re-reading; the finding resolves when they move.
+//!
+//! Without eBPF (or for threads already blocked before the process was
+//! registered) the check falls back to `/proc`: a thread in a lock deadlock is
 //! blocked in `futex(2)` with no timeout (`sem_wait`, `pthread_mutex_lock`,
 //! CPython's parking lot), so a check first reads each thread's
 //! `/proc/PID/task/TID/syscall`; when no thread waits that way (idle in
@@ -14,7 +23,7 @@
 //! timeout is, by definition, not a permanent deadlock.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pymedic_model::{Finding, Kind, Layer};
 use pymedic_python::InspectError;
@@ -24,18 +33,25 @@ use crate::deadlock::{self, Deadlock};
 use crate::dump::{DumpError, DumpOptions, Dumper, task};
 use crate::engine::targets::TargetInfo;
 use crate::engine::usage;
+use crate::waits::{self, Subscription};
 
 const NAME: &str = "deadlock";
 
+/// How often the `/proc` fallback scan runs besides the event trigger.
+const PROC_RESCAN: Duration = Duration::from_secs(5);
+
 pub struct DeadlockDetector {
     interval: Duration,
+    trigger: Duration,
 }
 
-/// `[detectors.deadlock]`: `interval` (default 2s).
+/// `[detectors.deadlock]`: `interval` (default 250ms), `trigger` (1s: how
+/// long a thread stays in an untimed wait before the threads are analysed).
 pub fn new(settings: &Settings) -> Result<Arc<dyn Detector>, DetectError> {
-    settings.only(&[])?;
+    settings.only(&["trigger"])?;
     Ok(Arc::new(DeadlockDetector {
-        interval: settings.duration("interval", Duration::from_secs(2))?,
+        interval: settings.duration("interval", Duration::from_millis(250))?,
+        trigger: settings.duration("trigger", Duration::from_secs(1))?,
     }))
 }
 
@@ -58,10 +74,25 @@ impl Detector for DeadlockDetector {
 
     fn watch(&self, target: &TargetInfo) -> Result<Option<Box<dyn Watch>>, DetectError> {
         match Dumper::new(target.id.pid) {
-            Ok(dumper) => Ok(Some(Box::new(DeadlockWatch {
-                dumper,
-                previous: Vec::new(),
-            }))),
+            Ok(dumper) => {
+                let sensor = match waits::subscribe(dumper.process()) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::info!(
+                            pid = target.id.pid,
+                            "deadlock: no waits sensor ({e}); polling /proc instead"
+                        );
+                        None
+                    }
+                };
+                Ok(Some(Box::new(DeadlockWatch {
+                    dumper,
+                    sensor,
+                    trigger: self.trigger,
+                    last_scan: None,
+                    verdict: None,
+                })))
+            }
             Err(
                 DumpError::Exited { pid } | DumpError::Inspect(InspectError::NoSuchProcess { pid }),
             ) => Err(DetectError::Gone { pid }),
@@ -92,9 +123,12 @@ fn check_error(op: &'static str, e: DumpError) -> DetectError {
 
 struct DeadlockWatch {
     dumper: Dumper,
-    previous: Vec<Deadlock>,
+    sensor: Option<Subscription>,
+    trigger: Duration,
+    last_scan: Option<Instant>,
+    /// The standing verdict and the (tid, futex) waits it rests on.
+    verdict: Option<(Vec<Finding>, Vec<(u32, u64)>)>,
 }
-
 /// True when some thread of `pid` is blocked in `futex(2)` without a
 /// timeout (the only way a thread sits in a lock deadlock).
 fn has_indefinite_futex_waiter(pid: u32) -> Result<bool, DetectError> {
@@ -126,24 +160,90 @@ fn has_indefinite_futex_waiter(pid: u32) -> Result<bool, DetectError> {
     Ok(false)
 }
 
-impl Watch for DeadlockWatch {
-    fn check(&mut self, cx: &CheckContext<'_>) -> Result<Vec<Finding>, DetectError> {
-        if !has_indefinite_futex_waiter(cx.target.id.pid)? {
-            self.previous.clear();
-            return Ok(Vec::new());
-        }
-        let snap = self
+impl DeadlockWatch {
+    /// Two snapshots 150 ms apart; the deadlocks both see.
+    fn analyze(&mut self) -> Result<Vec<Deadlock>, DetectError> {
+        let first = self
             .dumper
             .snapshot(&DumpOptions::default())
             .map_err(|e| check_error("read the threads' stacks", e))?;
         usage::record_samples(1);
-        let current = deadlock::analyze(&snap).deadlocks;
-        let confirmed = deadlock::confirm(&self.previous, current.clone());
-        self.previous = current;
+        let a = deadlock::analyze(&first).deadlocks;
+        if a.is_empty() {
+            return Ok(Vec::new());
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        let second = self
+            .dumper
+            .snapshot(&DumpOptions::default())
+            .map_err(|e| check_error("read the threads' stacks", e))?;
+        usage::record_samples(1);
+        Ok(deadlock::confirm(&a, deadlock::analyze(&second).deadlocks))
+    }
+}
+
+impl Watch for DeadlockWatch {
+    fn check(&mut self, cx: &CheckContext<'_>) -> Result<Vec<Finding>, DetectError> {
+        let pid = cx.target.id.pid;
+        let view = match &self.sensor {
+            Some(s) => Some(s.view().map_err(|e| DetectError::Check {
+                detector: NAME,
+                op: "read the waits sensor",
+                message: e.to_string(),
+            })?),
+            None => None,
+        };
+        let long: Vec<(u32, u64, Duration)> = view
+            .as_ref()
+            .map(|v| {
+                v.blocked
+                    .iter()
+                    .filter(|b| !b.timed && b.age >= self.trigger)
+                    .map(|b| (b.tid, b.uaddr, b.age))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // A standing verdict holds while its threads still wait where they did.
+        if let Some((findings, waits)) = &self.verdict {
+            if view.is_some() && waits.iter().all(|w| long.iter().any(|l| (l.0, l.1) == *w)) {
+                return Ok(findings.clone());
+            }
+            self.verdict = None;
+        }
+        let rescan = self.last_scan.is_none_or(|t| t.elapsed() >= PROC_RESCAN);
+        let triggered = !long.is_empty()
+            || ((view.is_none() || rescan) && {
+                self.last_scan = Some(Instant::now());
+                has_indefinite_futex_waiter(pid)?
+            });
+        if !triggered {
+            return Ok(Vec::new());
+        }
+        let confirmed = self.analyze()?;
         let target = cx.target.model();
-        Ok(confirmed
-            .iter()
-            .map(|d| deadlock::to_finding(d, &target))
-            .collect())
+        let mut findings = Vec::new();
+        let mut rests_on = Vec::new();
+        for d in &confirmed {
+            let mut f = deadlock::to_finding(d, &target);
+            let ages: Vec<Duration> = d
+                .threads
+                .iter()
+                .filter_map(|t| long.iter().find(|l| l.0 == t.tid).map(|l| l.2))
+                .collect();
+            if let (Some(obj), Some(age)) = (f.evidence.as_object_mut(), ages.iter().min()) {
+                obj.insert("blocked_for_ms".into(), (age.as_millis() as u64).into());
+                obj.insert("trigger_ms".into(), (self.trigger.as_millis() as u64).into());
+            }
+            for t in &d.threads {
+                if let Some(l) = long.iter().find(|l| l.0 == t.tid) {
+                    rests_on.push((l.0, l.1));
+                }
+            }
+            findings.push(f);
+        }
+        if !findings.is_empty() && !rests_on.is_empty() {
+            self.verdict = Some((findings.clone(), rests_on));
+        }
+        Ok(findings)
     }
 }

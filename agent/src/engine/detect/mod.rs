@@ -14,10 +14,17 @@
 //! `[detectors.NAME]` in the config (`enabled` and `interval` are handled
 //! here; everything else is the detector's, read through [`Settings`]).
 
+pub mod blocked_event_loop;
 pub mod cpu_hotspot;
 pub mod deadlock;
+pub mod gil_contention;
+pub mod hang;
+pub mod lock_contention;
+pub mod lock_graph;
+pub mod lock_order_inversion;
 pub mod registry;
 pub mod scheduler;
+pub mod sites;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,4 +169,9 @@ pub type Constructor = fn(&Settings) -> Result<Arc<dyn Detector>, DetectError>;
 pub const BUILTIN: &[(&str, Constructor)] = &[
     ("deadlock", deadlock::new),
     ("cpu_hotspot", cpu_hotspot::new),
+    ("lock_order_inversion", lock_order_inversion::new),
+    ("lock_contention", lock_contention::new),
+    ("gil_contention", gil_contention::new),
+    ("blocked_event_loop", blocked_event_loop::new),
+    ("hang", hang::new),
 ];
