@@ -79,13 +79,15 @@ impl Detector for BlockedEventLoop {
     fn interval(&self) -> Duration {
         Duration::from_millis(200)
     }
+    fn backs_off_when_busy(&self) -> bool {
+        false
+    }
     fn watch(&self, target: &TargetInfo) -> Result<Option<Box<dyn Watch>>, DetectError> {
         match waits::subscribe(&target.process) {
             Ok(sub) => Ok(Some(Box::new(LoopWatch {
                 sub,
                 params: self.params,
                 last_end: HashMap::new(),
-                current: HashMap::new(),
                 blocks: HashMap::new(),
                 lag: HashMap::new(),
             }))),
@@ -124,27 +126,31 @@ struct LoopWatch {
     params: Params,
     /// Per thread: end time of the latest overrun already counted.
     last_end: HashMap<u32, u64>,
-    /// Per thread: start of the overrunning step counted as ongoing.
-    current: HashMap<u32, (u64, (u32, Location))>,
     blocks: HashMap<(u32, Location), Block>,
     lag: HashMap<u32, Lag>,
 }
 
-/// The innermost frame of the program itself (not the standard library
-/// or an installed package): where the blocking call is made.
+fn is_library(file: &str) -> bool {
+    is_stdlib(file)
+        || file.contains("/site-packages/")
+        || file.contains("/dist-packages/")
+        || file.starts_with('<')
+}
+
+/// Where the loop was blocked from: the line of the coroutine that made the
+/// blocking call (stable while the call runs), else the innermost frame of
+/// the program itself (a plain callback).
 fn call_site(stack: &[StackFrame]) -> Option<Location> {
-    let library = |f: &str| {
-        is_stdlib(f)
-            || f.contains("/site-packages/")
-            || f.contains("/dist-packages/")
-            || f.starts_with('<')
-    };
-    stack
-        .iter()
-        .find(|f| !library(&f.loc.file))
-        .or_else(|| stack.iter().find(|f| f.is_async()))
+    coroutine(stack)
+        .or_else(|| stack.iter().find(|f| !is_library(&f.loc.file)))
         .or(stack.first())
         .map(|f| f.loc.clone())
+}
+
+/// The innermost frame of the program itself inside the call (a CPU loop
+/// in a helper, the line calling `requests.get`).
+fn blocking_code(stack: &[StackFrame]) -> Option<&StackFrame> {
+    stack.iter().find(|f| !is_library(&f.loc.file))
 }
 
 /// The coroutine that made the call: the innermost `async def` frame.
@@ -195,6 +201,15 @@ impl LoopWatch {
         Some(key)
     }
 
+    /// Ends the ongoing state of `tid`'s blocks except `keep`.
+    fn settle(&mut self, tid: u32, keep: Option<&(u32, Location)>) {
+        for (k, b) in self.blocks.iter_mut() {
+            if k.0 == tid && Some(k) != keep {
+                b.ongoing = None;
+            }
+        }
+    }
+
     fn observe(&mut self, lt: &LoopThread) {
         let s = lt.raw;
         let frames = |id: u64| lt.stacks.get(&id).cloned();
@@ -207,12 +222,7 @@ impl LoopWatch {
         let prev_end = self.last_end.get(&lt.tid).copied().unwrap_or(0);
         if s.last_overrun_end_ns != 0 && s.last_overrun_end_ns != prev_end {
             self.last_end.insert(lt.tid, s.last_overrun_end_ns);
-            // The ongoing step we were tracking has ended: record it whole.
-            if let Some((_, key)) = self.current.remove(&lt.tid)
-                && let Some(b) = self.blocks.get_mut(&key)
-            {
-                b.ongoing = None;
-            }
+            self.settle(lt.tid, None);
             if last >= self.params.threshold
                 && let Some(id) = pick(
                     last,
@@ -226,6 +236,7 @@ impl LoopWatch {
             }
         }
         // A step overrunning right now.
+        let mut now_key = None;
         if let Some(age) = lt.step_age
             && age >= self.params.threshold
         {
@@ -239,12 +250,11 @@ impl LoopWatch {
                     s.step_cpu_stack,
                 )
             };
-            if let Some(stack) = id.and_then(frames)
-                && let Some(key) = self.note(lt.tid, &stack, age, true)
-            {
-                self.current.insert(lt.tid, (s.step_start_ns, key));
+            if let Some(stack) = id.and_then(frames) {
+                now_key = self.note(lt.tid, &stack, age, true);
             }
         }
+        self.settle(lt.tid, now_key.as_ref());
     }
 }
 
@@ -259,8 +269,11 @@ impl Watch for LoopWatch {
             self.observe(lt);
         }
         let hold = self.params.hold;
-        self.blocks
-            .retain(|_, b| b.ongoing.is_some() || b.last.elapsed() < hold);
+        // Sightings of a step that then ended under another site are not
+        // overruns of their own.
+        self.blocks.retain(|_, b| {
+            b.ongoing.is_some() || (b.sum.count > 0 && b.last.elapsed() < hold)
+        });
         let names = self.sub.thread_names();
         let mut out = Vec::new();
         for ((tid, site), b) in &self.blocks {
@@ -314,10 +327,16 @@ impl LoopWatch {
         if let Some(c) = coro {
             f.related.push(Related::new(&c.loc, "coroutine that made the call"));
         }
+        if let Some(code) = blocking_code(&b.stack)
+            && &code.loc != site
+        {
+            f.related.push(Related::new(&code.loc, "blocking code runs here"));
+        }
         if let Some(inner) = b.stack.first()
+            && Some(&inner.loc) != blocking_code(&b.stack).map(|c| &c.loc)
             && &inner.loc != site
         {
-            f.related.push(Related::new(&inner.loc, "blocking call"));
+            f.related.push(Related::new(&inner.loc, "innermost call"));
         }
         let thread = names
             .get(&tid)
@@ -365,6 +384,12 @@ mod tests {
             fr("/usr/lib/python3.11/asyncio/events.py", "_run", 80, 0),
         ];
         assert_eq!(call_site(&stack).unwrap().line, 12);
+        let helper = vec![
+            fr("/srv/app.py", "digest", 40, 0),
+            fr("/srv/app.py", "handler", 12, 0x80),
+        ];
+        assert_eq!(call_site(&helper).unwrap().line, 12);
+        assert_eq!(blocking_code(&helper).unwrap().loc.line, 40);
         assert_eq!(coroutine(&stack).unwrap().loc.function, "fetch");
         assert!(is_loop_stack(&stack));
         assert!(!is_loop_stack(&[fr("/srv/app.py", "main", 3, 0)]));

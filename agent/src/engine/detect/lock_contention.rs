@@ -72,6 +72,9 @@ impl Detector for LockContention {
     fn interval(&self) -> Duration {
         Duration::from_secs(1)
     }
+    fn backs_off_when_busy(&self) -> bool {
+        false
+    }
     fn watch(&self, target: &TargetInfo) -> Result<Option<Box<dyn Watch>>, DetectError> {
         match waits::subscribe(&target.process) {
             Ok(sub) => Ok(Some(Box::new(ContentionWatch {

@@ -72,6 +72,12 @@ pub trait Detector: Send + Sync + 'static {
     /// interpreter it cannot read, a feature the kernel lacks, ...). May
     /// block (attach probes, read ELF files): it runs on a worker thread.
     fn watch(&self, target: &TargetInfo) -> Result<Option<Box<dyn Watch>>, DetectError>;
+    /// Whether checks are spaced out while the target is busy (true for
+    /// detectors that read the target's memory; false for those that only
+    /// read kernel aggregates, which cost the target nothing).
+    fn backs_off_when_busy(&self) -> bool {
+        true
+    }
 }
 
 /// One detector's view of one target. Dropped when the target exits or the

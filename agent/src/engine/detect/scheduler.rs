@@ -367,7 +367,13 @@ impl Scheduler {
             entry.interval,
             done.cost_ns,
             n_det,
-            busy_level + failures.min(16),
+            // Detectors that only read the kernel's aggregates do not touch
+            // the target, so a busy target does not slow them down.
+            if entry.detector.backs_off_when_busy() {
+                busy_level
+            } else {
+                0
+            } + failures.min(16),
             &self.budget,
         );
         self.schedule(id, done.slot, Instant::now() + delay);
