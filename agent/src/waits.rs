@@ -26,7 +26,7 @@ use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, S
 use pymedic_common::pystack::{EMPTY_STACK_ID, PY_STACKS_MAP, PyStack};
 use pymedic_common::waits::{
     AddrKey, CONTENDED_MAP, ERRORS_MAP, GLOBAL_FUTEX_OP_OFF, GLOBAL_FUTEX_UADDR_OFF,
-    GLOBAL_FUTEX_UTIME_OFF, GLOBAL_STEP_THRESHOLD_NS, GLOBAL_SWITCH_NEXT_PID_OFF, INFLIGHT_MAP,
+    GLOBAL_FUTEX_UTIME_OFF, GLOBAL_STEP_THRESHOLD_NS, GLOBAL_SWITCH_NEXT_PID_OFF, GLOBAL_SWITCH_PREV_STATE_OFF, INFLIGHT_MAP,
     InflightWait, STEPS_MAP, StepState, WAIT_AGG_MAP, WAIT_TIMED, WAKE_AGG_MAP, WaitAgg, WaitKey,
 };
 use pymedic_model::Location;
@@ -94,6 +94,8 @@ pub struct Blocked {
     pub timed: bool,
     /// How long it has been blocked.
     pub age: Duration,
+    /// `CLOCK_MONOTONIC` ns when it blocked (identifies this wait).
+    pub start_ns: u64,
     pub stack: Frames,
 }
 
@@ -286,6 +288,7 @@ impl Sensor {
             tracefs::field_offset(&root, cat, ev, f).map_err(BpfError::from)
         };
         let next_pid_off = field("sched", "sched_switch", "next_pid")?;
+        let prev_state_off = field("sched", "sched_switch", "prev_state")?;
         let uaddr_off = field("syscalls", "sys_enter_futex", "uaddr")?;
         let op_off = field("syscalls", "sys_enter_futex", "op")?;
         let utime_off = field("syscalls", "sys_enter_futex", "utime")?;
@@ -295,6 +298,7 @@ impl Sensor {
         let mut bpf = bpf::load(OBJECT, objects::WAITS, |l| {
             pystack::configure_loader(l, &fsbase_off);
             l.override_global(GLOBAL_SWITCH_NEXT_PID_OFF, &next_pid_off, true);
+            l.override_global(GLOBAL_SWITCH_PREV_STATE_OFF, &prev_state_off, true);
             l.override_global(GLOBAL_FUTEX_UADDR_OFF, &uaddr_off, true);
             l.override_global(GLOBAL_FUTEX_OP_OFF, &op_off, true);
             l.override_global(GLOBAL_FUTEX_UTIME_OFF, &utime_off, true);
@@ -586,6 +590,7 @@ impl Sensor {
                 uaddr: w.uaddr,
                 timed: w.flags & WAIT_TIMED != 0,
                 age: Duration::from_nanos(now_ns.saturating_sub(w.start_ns)),
+                start_ns: w.start_ns,
                 stack: self.frames(pid, w.stack_id),
             })
             .collect();

@@ -140,11 +140,20 @@ fn is_library(file: &str) -> bool {
 /// Where the loop was blocked from: the line of the coroutine that made the
 /// blocking call (stable while the call runs), else the innermost frame of
 /// the program itself (a plain callback).
+/// Only frames the loop called into count: those inside its innermost
+/// asyncio/uvloop frame (the runner and `<module>` below it do not).
 fn call_site(stack: &[StackFrame]) -> Option<Location> {
-    coroutine(stack)
-        .or_else(|| stack.iter().find(|f| !is_library(&f.loc.file)))
-        .or(stack.first())
+    let inner = &stack[..machinery(stack).unwrap_or(stack.len())];
+    coroutine(inner)
+        .or_else(|| inner.iter().find(|f| !is_library(&f.loc.file)))
         .map(|f| f.loc.clone())
+}
+
+/// Index of the innermost event-loop frame.
+fn machinery(stack: &[StackFrame]) -> Option<usize> {
+    stack
+        .iter()
+        .position(|f| f.loc.file.contains("/asyncio/") || f.loc.file.contains("/uvloop/"))
 }
 
 /// The innermost frame of the program itself inside the call (a CPU loop
@@ -393,6 +402,14 @@ mod tests {
         assert_eq!(coroutine(&stack).unwrap().loc.function, "fetch");
         assert!(is_loop_stack(&stack));
         assert!(!is_loop_stack(&[fr("/srv/app.py", "main", 3, 0)]));
+        // The loop itself was slow: nothing of the program to blame.
+        let machinery_only = vec![
+            fr("/usr/lib/python3.11/selectors.py", "select", 468, 0),
+            fr("/usr/lib/python3.11/asyncio/base_events.py", "_run_once", 1900, 0),
+            fr("/usr/lib/python3.11/asyncio/runners.py", "run", 118, 0),
+            fr("/srv/app.py", "<module>", 35, 0),
+        ];
+        assert_eq!(call_site(&machinery_only), None);
     }
 
     #[test]

@@ -22,6 +22,7 @@
 //! possible and the interpreter is not read at all. A lock acquired with a
 //! timeout is, by definition, not a permanent deadlock.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -91,6 +92,7 @@ impl Detector for DeadlockDetector {
                     trigger: self.trigger,
                     last_scan: None,
                     verdict: None,
+                    quiet: HashSet::new(),
                 })))
             }
             Err(
@@ -128,10 +130,13 @@ struct DeadlockWatch {
     last_scan: Option<Instant>,
     /// The standing verdict and the (tid, futex) waits it rests on.
     verdict: Option<(Vec<Finding>, Vec<(u32, u64)>)>,
+    /// Waits an analysis already found no deadlock among: sensor waits by
+    /// (tid, start), `/proc` waits by (tid, futex). A new wait re-triggers.
+    quiet: HashSet<(u32, u64)>,
 }
-/// True when some thread of `pid` is blocked in `futex(2)` without a
-/// timeout (the only way a thread sits in a lock deadlock).
-fn has_indefinite_futex_waiter(pid: u32) -> Result<bool, DetectError> {
+/// Threads of `pid` blocked in `futex(2)` without a timeout (the only way a
+/// thread sits in a lock deadlock), with the futex address.
+fn indefinite_futex_waiters(pid: u32) -> Result<Vec<(u32, u64)>, DetectError> {
     let dir = match std::fs::read_dir(format!("/proc/{pid}/task")) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -145,19 +150,20 @@ fn has_indefinite_futex_waiter(pid: u32) -> Result<bool, DetectError> {
             });
         }
     };
+    let mut out = Vec::new();
     for entry in dir.flatten() {
+        let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
         let path = entry.path().join("syscall");
         let Ok(text) = std::fs::read_to_string(&path) else {
             continue; // exited meanwhile
         };
-        if task::parse_syscall(&text)
-            .and_then(|s| s.futex_wait())
-            .is_some_and(|(_, timed)| !timed)
-        {
-            return Ok(true);
+        if let Some((addr, false)) = task::parse_syscall(&text).and_then(|s| s.futex_wait()) {
+            out.push((tid, addr));
         }
     }
-    Ok(false)
+    Ok(out)
 }
 
 impl DeadlockWatch {
@@ -193,13 +199,16 @@ impl Watch for DeadlockWatch {
             })?),
             None => None,
         };
-        let long: Vec<(u32, u64, Duration)> = view
+        // Lock acquisitions (not condition, queue, event or join waits)
+        // blocked without a timeout for at least `trigger`.
+        let long: Vec<(u32, u64, Duration, u64)> = view
             .as_ref()
             .map(|v| {
                 v.blocked
                     .iter()
                     .filter(|b| !b.timed && b.age >= self.trigger)
-                    .map(|b| (b.tid, b.uaddr, b.age))
+                    .filter(|b| super::sites::is_lock_wait(&b.stack))
+                    .map(|b| (b.tid, b.uaddr, b.age, b.start_ns))
                     .collect()
             })
             .unwrap_or_default();
@@ -210,16 +219,32 @@ impl Watch for DeadlockWatch {
             }
             self.verdict = None;
         }
-        let rescan = self.last_scan.is_none_or(|t| t.elapsed() >= PROC_RESCAN);
-        let triggered = !long.is_empty()
-            || ((view.is_none() || rescan) && {
-                self.last_scan = Some(Instant::now());
-                has_indefinite_futex_waiter(pid)?
-            });
-        if !triggered {
+        let mut pending: Vec<(u32, u64)> = long
+            .iter()
+            .map(|l| (l.0, l.3))
+            .filter(|k| !self.quiet.contains(k))
+            .collect();
+        // Threads blocked since before the sensor saw the process (or no
+        // sensor at all): from /proc, by (tid, futex).
+        if self.last_scan.is_none_or(|t| t.elapsed() >= PROC_RESCAN) || view.is_none() {
+            self.last_scan = Some(Instant::now());
+            let in_sensor: Vec<u32> = view
+                .as_ref()
+                .map(|v| v.blocked.iter().map(|b| b.tid).collect())
+                .unwrap_or_default();
+            pending.extend(
+                indefinite_futex_waiters(pid)?
+                    .into_iter()
+                    .filter(|(tid, _)| !in_sensor.contains(tid))
+                    .filter(|k| !self.quiet.contains(k)),
+            );
+        }
+        tracing::debug!(pid, pending = pending.len(), long = long.len(), "deadlock check");
+        if pending.is_empty() {
             return Ok(Vec::new());
         }
         let confirmed = self.analyze()?;
+        tracing::debug!(pid, confirmed = confirmed.len(), "deadlock analysis");
         let target = cx.target.model();
         let mut findings = Vec::new();
         let mut rests_on = Vec::new();
@@ -241,7 +266,13 @@ impl Watch for DeadlockWatch {
             }
             findings.push(f);
         }
-        if !findings.is_empty() && !rests_on.is_empty() {
+        if findings.is_empty() {
+            self.quiet.extend(pending);
+            // Forget waits that ended (bounded by the threads blocked now).
+            if self.quiet.len() > 4096 {
+                self.quiet.clear();
+            }
+        } else if !rests_on.is_empty() {
             self.verdict = Some((findings.clone(), rests_on));
         }
         Ok(findings)

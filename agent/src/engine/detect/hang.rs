@@ -1,18 +1,22 @@
 //! `hang`: a thread that has made no progress for `threshold` (30 s) while
-//! blocked in a wait that will not end by itself: a join of a thread that
-//! is stuck too, a lock nobody releases (outside a deadlock cycle, which
-//! `deadlock` reports), a barrier short of parties, an unattributed futex,
-//! or, on the main thread, a queue `get` with no producer or a blocking
-//! read.
+//! blocked in a wait nothing will end: a join of a thread that is stuck
+//! too, a lock whose holder is stuck (or that nothing holds any more), a
+//! queue `get`/`put`, semaphore or barrier when no thread of the process
+//! can still run to feed it, or, on the main thread, a blocking read or
+//! connect (not `accept`, polling or the terminal). A thread "can still
+//! run" when it makes progress or waits for the outside world or the clock
+//! (I/O, sleep, a child, any timed wait). Deadlock cycles are left to
+//! `deadlock`.
 //!
 //! Progress is the kernel's per-thread scheduling counters
 //! (`/proc/PID/task/TID/schedstat`: time on CPU and times scheduled); a
 //! thread whose counters have not moved has not run at all. Only when some
 //! thread has been still for `threshold` is the process read (the `dump`
-//! engine, without stopping it) to classify the waits. Idle waits are never
-//! hangs: sleeps, event-loop and selector waits, `accept`, timed waits,
-//! `Event.wait`/`Condition.wait` (signals that may legitimately never come,
-//! such as a shutdown event), and worker threads idle on a queue.
+//! engine, without stopping it) to classify the waits. Never hangs: sleeps,
+//! event-loop and selector waits, `accept`, timed waits, `Event.wait` and
+//! `Condition.wait` (signals that may legitimately never come, such as a
+//! shutdown event set by a signal handler), and workers idle on a queue
+//! while some thread can still feed it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -120,30 +124,65 @@ fn parse_schedstat(text: &str) -> Option<Progress> {
     Some((run, slices))
 }
 
-/// Why a thread still for long is hung, or `None` when its wait is idle.
-fn hung_reason(t: &ThreadDump, pid: u32, stuck: &[u32], in_cycle: &[u32]) -> Option<String> {
+/// A thread that can resume by itself: making progress, or waiting for
+/// the outside world or the clock (I/O, sleep, a child, a timed wait).
+fn alive(t: &ThreadDump, stuck: &[u32]) -> bool {
+    if !stuck.contains(&t.tid) {
+        return true;
+    }
+    match &t.waiting {
+        None => true,
+        Some(w) => {
+            w.timed
+                || matches!(
+                    w.kind,
+                    WaitKind::Sleep | WaitKind::Io | WaitKind::Child | WaitKind::Syscall | WaitKind::Gil
+                )
+        }
+    }
+}
+
+/// Why a thread still for long is hung, or `None` when its wait is idle or
+/// something may still end it. `alive`: tids of threads that can resume
+/// by themselves.
+fn hung_reason(
+    t: &ThreadDump,
+    holder: Option<u32>,
+    pid: u32,
+    alive: &[u32],
+    in_cycle: &[u32],
+) -> Option<String> {
     let w = t.waiting.as_ref()?;
-    if w.timed || in_cycle.contains(&t.tid) {
+    if w.timed || in_cycle.contains(&t.tid) || alive.contains(&t.tid) && w.kind != WaitKind::Io {
         return None;
     }
-    let main = t.tid == pid;
+    // Another thread that can still run may yet put, release or arrive.
+    let others_alive = alive.iter().any(|&a| a != t.tid);
     let detail = w.detail.clone().unwrap_or_default();
     match w.kind {
-        WaitKind::Lock => Some(match (&w.lock, w.holder_tid) {
-            (Some(l), Some(h)) => format!("waits for {} held by thread {h}", l.name),
-            (Some(l), None) => format!("waits for {}, which is never released", l.name),
-            _ => "waits for a lock".into(),
-        }),
-        WaitKind::Futex => Some(format!("waits on {detail}")),
-        WaitKind::Barrier => Some("waits at a barrier that lacks parties".into()),
-        WaitKind::Join => match w.target_tid {
-            Some(other) if !stuck.contains(&other) || in_cycle.contains(&other) => None,
-            Some(other) => Some(format!("joins thread {other}, which is stuck too")),
-            None => Some("joins a thread that does not finish".into()),
+        WaitKind::Lock | WaitKind::Futex => match holder {
+            Some(h) if alive.contains(&h) => None,
+            Some(h) => Some(format!(
+                "waits for {} held by thread {h}, which is stuck too",
+                w.lock.as_ref().map_or("a lock".into(), |l| l.name.clone())
+            )),
+            None if w.kind == WaitKind::Lock => Some(format!(
+                "waits for {}, which nothing will release",
+                w.lock.as_ref().map_or("a lock".into(), |l| l.name.clone())
+            )),
+            None => (!others_alive).then(|| format!("waits on {detail}")),
         },
-        WaitKind::Queue if main => Some("waits on a queue nothing puts into".into()),
-        WaitKind::Io if main => {
-            let idle = ["epoll", "select", "accept", "listen"];
+        WaitKind::Join => match w.target_tid {
+            Some(other) if alive.contains(&other) || in_cycle.contains(&other) => None,
+            Some(other) => Some(format!("joins thread {other}, which is stuck too")),
+            None => (!others_alive).then(|| "joins a thread that does not finish".into()),
+        },
+        WaitKind::Queue | WaitKind::Semaphore | WaitKind::Barrier if !others_alive => Some(format!(
+            "waits on a {} no running thread can feed",
+            w.kind.as_str()
+        )),
+        WaitKind::Io if t.tid == pid => {
+            let idle = ["epoll", "select", "poll", "accept", "listen", "fd 0", "tty", "pts"];
             let sc = w.syscall.clone().unwrap_or_default();
             if idle.iter().any(|i| sc.contains(i) || detail.contains(i)) {
                 None
@@ -155,10 +194,28 @@ fn hung_reason(t: &ThreadDump, pid: u32, stuck: &[u32], in_cycle: &[u32]) -> Opt
     }
 }
 
+/// The thread holding the lock `t` waits for, when known.
+fn holder_of(snap: &Snapshot, t: &ThreadDump) -> Option<u32> {
+    let w = t.waiting.as_ref()?;
+    let lock = w.lock.as_ref()?;
+    w.holder_tid.or_else(|| {
+        snap.threads
+            .iter()
+            .find(|x| x.tid != t.tid && x.holds.iter().any(|h| h.lock.id == lock.id))
+            .map(|x| x.tid)
+    })
+}
+
 impl HangWatch {
     fn judge(&self, snap: &Snapshot, stuck: &[(u32, Duration)], cx: &CheckContext<'_>) -> Vec<Finding> {
         let pid = cx.target.id.pid;
         let stuck_tids: Vec<u32> = stuck.iter().map(|s| s.0).collect();
+        let alive_tids: Vec<u32> = snap
+            .threads
+            .iter()
+            .filter(|t| alive(t, &stuck_tids))
+            .map(|t| t.tid)
+            .collect();
         let in_cycle: Vec<u32> = deadlock::analyze(snap)
             .deadlocks
             .iter()
@@ -170,7 +227,8 @@ impl HangWatch {
             let Some(&(_, still_for)) = stuck.iter().find(|s| s.0 == t.tid) else {
                 continue;
             };
-            let Some(reason) = hung_reason(t, pid, &stuck_tids, &in_cycle) else {
+            let holder = holder_of(snap, t);
+            let Some(reason) = hung_reason(t, holder, pid, &alive_tids, &in_cycle) else {
                 continue;
             };
             let w = t.waiting.as_ref().expect("hung_reason needs a wait");
@@ -198,7 +256,7 @@ impl HangWatch {
                 tid: t.tid,
                 frames: t.python_frames().map(|f| f.location()).collect(),
             });
-            let other = w.holder_tid.or(w.target_tid);
+            let other = holder.or(w.target_tid);
             if let Some(o) = other.and_then(|o| snap.threads.iter().find(|x| x.tid == o)) {
                 if let Some(site) = o
                     .waiting

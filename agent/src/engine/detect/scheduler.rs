@@ -92,12 +92,14 @@ struct Target {
     busy_level: u32,
 }
 
-/// What a check hands back: the watch (to keep), whether it started, and
-/// the findings (`None`: the detector does not apply).
+/// What a check hands back: the watch (to keep), whether it started, the
+/// findings (`None`: the detector does not apply), and the CPU time spent
+/// starting the watch (not charged to the check's spacing).
 type CheckOutcome = (
     Option<Box<dyn Watch>>,
     bool,
     Result<Option<Vec<Finding>>, DetectError>,
+    u64,
 );
 
 struct Done {
@@ -263,9 +265,11 @@ impl Scheduler {
             tokio::task::spawn_blocking(move || {
                 let at = pymedic_model::now();
                 let t0 = thread_cpu_ns();
-                let (watch, started, result) =
+                let (watch, started, result, setup_ns) =
                     run_check(&entry, &info, watch, started, at, since_last);
-                let cost_ns = thread_cpu_ns().saturating_sub(t0);
+                // Starting a watch (loading eBPF, parsing ELF) happens once:
+                // only the check itself spaces the next one.
+                let cost_ns = thread_cpu_ns().saturating_sub(t0).saturating_sub(setup_ns);
                 let _ = done_tx.send(Done {
                     target: id,
                     slot,
@@ -388,18 +392,22 @@ fn run_check(
     now: Timestamp,
     since_last: Duration,
 ) -> CheckOutcome {
+    let mut setup_ns = 0;
     if !started {
-        match entry.detector.watch(info) {
+        let t0 = thread_cpu_ns();
+        let made = entry.detector.watch(info);
+        setup_ns = thread_cpu_ns().saturating_sub(t0);
+        match made {
             Ok(Some(w)) => {
                 watch = Some(w);
                 started = true;
             }
-            Ok(None) => return (None, false, Ok(None)),
-            Err(e) => return (None, false, Err(e)),
+            Ok(None) => return (None, false, Ok(None), setup_ns),
+            Err(e) => return (None, false, Err(e), setup_ns),
         }
     }
     let Some(w) = watch.as_mut() else {
-        return (None, started, Ok(None));
+        return (None, started, Ok(None), setup_ns);
     };
     let cx = CheckContext {
         target: info,
@@ -407,7 +415,7 @@ fn run_check(
         since_last,
     };
     let result = w.check(&cx).map(Some);
-    (watch, started, result)
+    (watch, started, result, setup_ns)
 }
 
 /// The delay until a slot's next check.
