@@ -93,13 +93,15 @@ struct Target {
 }
 
 /// What a check hands back: the watch (to keep), whether it started, the
-/// findings (`None`: the detector does not apply), and the CPU time spent
-/// starting the watch (not charged to the check's spacing).
+/// findings (`None`: the detector does not apply), the CPU time spent
+/// starting the watch (not charged to the check's spacing), and when the
+/// check proper started.
 type CheckOutcome = (
     Option<Box<dyn Watch>>,
     bool,
     Result<Option<Vec<Finding>>, DetectError>,
     u64,
+    Timestamp,
 );
 
 struct Done {
@@ -263,10 +265,9 @@ impl Scheduler {
             let done_tx = self.done_tx.clone();
             self.running += 1;
             tokio::task::spawn_blocking(move || {
-                let at = pymedic_model::now();
                 let t0 = thread_cpu_ns();
-                let (watch, started, result, setup_ns) =
-                    run_check(&entry, &info, watch, started, at, since_last);
+                let (watch, started, result, setup_ns, at) =
+                    run_check(&entry, &info, watch, started, since_last);
                 // Starting a watch (loading eBPF, parsing ELF) happens once:
                 // only the check itself spaces the next one.
                 let cost_ns = thread_cpu_ns().saturating_sub(t0).saturating_sub(setup_ns);
@@ -389,7 +390,6 @@ fn run_check(
     info: &TargetInfo,
     mut watch: Option<Box<dyn Watch>>,
     mut started: bool,
-    now: Timestamp,
     since_last: Duration,
 ) -> CheckOutcome {
     let mut setup_ns = 0;
@@ -402,12 +402,15 @@ fn run_check(
                 watch = Some(w);
                 started = true;
             }
-            Ok(None) => return (None, false, Ok(None), setup_ns),
-            Err(e) => return (None, false, Err(e), setup_ns),
+            Ok(None) => return (None, false, Ok(None), setup_ns, pymedic_model::now()),
+            Err(e) => return (None, false, Err(e), setup_ns, pymedic_model::now()),
         }
     }
+    // Findings are stamped when the check proper starts (after a slow
+    // watch start-up such as loading eBPF).
+    let now = pymedic_model::now();
     let Some(w) = watch.as_mut() else {
-        return (None, started, Ok(None), setup_ns);
+        return (None, started, Ok(None), setup_ns, now);
     };
     let cx = CheckContext {
         target: info,
@@ -415,7 +418,7 @@ fn run_check(
         since_last,
     };
     let result = w.check(&cx).map(Some);
-    (watch, started, result, setup_ns)
+    (watch, started, result, setup_ns, now)
 }
 
 /// The delay until a slot's next check.
