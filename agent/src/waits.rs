@@ -26,8 +26,9 @@ use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, S
 use pymedic_common::pystack::{EMPTY_STACK_ID, PY_STACKS_MAP, PyStack};
 use pymedic_common::waits::{
     AddrKey, CONTENDED_MAP, ERRORS_MAP, GLOBAL_FUTEX_OP_OFF, GLOBAL_FUTEX_UADDR_OFF,
-    GLOBAL_FUTEX_UTIME_OFF, GLOBAL_STEP_THRESHOLD_NS, GLOBAL_SWITCH_NEXT_PID_OFF, GLOBAL_SWITCH_PREV_STATE_OFF, INFLIGHT_MAP,
-    InflightWait, STEPS_MAP, StepState, WAIT_AGG_MAP, WAIT_TIMED, WAKE_AGG_MAP, WaitAgg, WaitKey,
+    GLOBAL_FUTEX_UTIME_OFF, GLOBAL_STEP_THRESHOLD_NS, GLOBAL_SWITCH_NEXT_PID_OFF,
+    GLOBAL_SWITCH_PREV_STATE_OFF, INFLIGHT_MAP, InflightWait, STEPS_MAP, StepState, WAIT_AGG_MAP,
+    WAIT_TIMED, WAKE_AGG_MAP, WaitAgg, WaitKey,
 };
 use pymedic_model::Location;
 use pymedic_python::{Interpreter, LiveMemory, PythonProcess};

@@ -99,7 +99,11 @@ fn config_file() -> tempfile::NamedTempFile {
 }
 
 /// Starts every program and diagnoses each for `duration`, all at once.
-fn diagnose_all(py: &Python, programs: &[(&str, &[&str])], duration: &str) -> HashMap<String, (PyProc, Value)> {
+fn diagnose_all(
+    py: &Python,
+    programs: &[(&str, &[&str])],
+    duration: &str,
+) -> HashMap<String, (PyProc, Value)> {
     let config = config_file();
     let procs: Vec<(String, PyProc)> = programs
         .iter()
@@ -153,7 +157,11 @@ fn temporal_detectors_find_every_scenario_with_its_sites() {
         assert_eq!(d.len(), 1, "{label}: {v}");
         let waits = [marker(s, "WAIT settle"), marker(s, "WAIT audit")];
         let holds = [marker(s, "HOLD settle"), marker(s, "HOLD audit")];
-        assert!(waits.contains(&d[0]["location"]["line"].as_u64().unwrap()), "{label}: {}", d[0]);
+        assert!(
+            waits.contains(&d[0]["location"]["line"].as_u64().unwrap()),
+            "{label}: {}",
+            d[0]
+        );
         let rel = lines(d[0], "related");
         for l in waits.iter().chain(&holds) {
             assert!(rel.contains(l), "{label}: line {l} missing: {}", d[0]);
@@ -176,8 +184,17 @@ fn temporal_detectors_find_every_scenario_with_its_sites() {
         let f = of_kind(v, "lock_order_inversion");
         assert_eq!(f.len(), 1, "{label}: {v}");
         let rel = lines(f[0], "related");
-        for m in ["OUTER place_order", "INNER place_order", "OUTER restock", "INNER restock"] {
-            assert!(rel.contains(&marker(s, m)), "{label}: {m} missing: {}", f[0]);
+        for m in [
+            "OUTER place_order",
+            "INNER place_order",
+            "OUTER restock",
+            "INNER restock",
+        ] {
+            assert!(
+                rel.contains(&marker(s, m)),
+                "{label}: {m} missing: {}",
+                f[0]
+            );
         }
         assert!(of_kind(v, "deadlock").is_empty(), "{label}: {v}");
 
@@ -186,11 +203,21 @@ fn temporal_detectors_find_every_scenario_with_its_sites() {
         let v = &r[s].1;
         let f = of_kind(v, "lock_contention");
         assert_eq!(f.len(), 1, "{label}: {v}");
-        assert_eq!(f[0]["location"]["line"], marker(s, "CONTENDED"), "{label}: {}", f[0]);
+        assert_eq!(
+            f[0]["location"]["line"],
+            marker(s, "CONTENDED"),
+            "{label}: {}",
+            f[0]
+        );
         assert_eq!(f[0]["evidence"]["lock"], "self._lock", "{label}: {}", f[0]);
         assert!(
-            f[0]["related"].as_array().unwrap().iter().any(|r| r["role"].as_str().unwrap().starts_with("holds self._lock")),
-            "{label}: {}", f[0]
+            f[0]["related"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["role"].as_str().unwrap().starts_with("holds self._lock")),
+            "{label}: {}",
+            f[0]
         );
         assert!(f[0]["evidence"]["waiting_threads"].as_u64().unwrap() >= 2);
 
@@ -202,7 +229,8 @@ fn temporal_detectors_find_every_scenario_with_its_sites() {
         let hot = marker(s, "HOT");
         assert!(
             [hot, hot + 1].contains(&f[0]["location"]["line"].as_u64().unwrap()),
-            "{label}: {}", f[0]
+            "{label}: {}",
+            f[0]
         );
         assert!(f[0]["evidence"]["gil_wait_share"].as_f64().unwrap() > 0.5);
 
@@ -215,16 +243,24 @@ fn temporal_detectors_find_every_scenario_with_its_sites() {
             .iter()
             .find(|f| f["location"]["line"] == marker(s, "BLOCKING sleep"))
             .unwrap_or_else(|| panic!("{label}: no sleep finding: {v}"));
-        assert_eq!(sleep["evidence"]["coroutine"]["function"], "slow_handler", "{label}");
+        assert_eq!(
+            sleep["evidence"]["coroutine"]["function"], "slow_handler",
+            "{label}"
+        );
         assert!(sleep["evidence"]["longest_step_here_ms"].as_f64().unwrap() >= 250.0);
         let cpu = f
             .iter()
             .find(|f| f["location"]["line"] == marker(s, "BLOCKING cpu"))
             .unwrap_or_else(|| panic!("{label}: no CPU-loop finding: {v}"));
-        assert_eq!(cpu["evidence"]["coroutine"]["function"], "cpu_handler", "{label}");
+        assert_eq!(
+            cpu["evidence"]["coroutine"]["function"], "cpu_handler",
+            "{label}"
+        );
         let lp = marker(s, "CPU LOOP");
         assert!(
-            lines(cpu, "related").iter().any(|l| *l == lp || *l == lp + 1),
+            lines(cpu, "related")
+                .iter()
+                .any(|l| *l == lp || *l == lp + 1),
             "{label}: {cpu}"
         );
 
@@ -236,7 +272,10 @@ fn temporal_detectors_find_every_scenario_with_its_sites() {
             .iter()
             .find(|f| f["location"]["line"] == marker(s, "HANG main"))
             .unwrap_or_else(|| panic!("{label}: {v}"));
-        assert!(lines(main, "related").contains(&marker(s, "STUCK worker")), "{label}: {main}");
+        assert!(
+            lines(main, "related").contains(&marker(s, "STUCK worker")),
+            "{label}: {main}"
+        );
     });
 }
 
@@ -288,7 +327,12 @@ fn temporal_detectors_stay_quiet_on_healthy_programs() {
     ];
     // CPU-bound and lock-hammering programs are contended for real; they
     // must still show no inversion, deadlock, hang or blocked loop.
-    const ORDERLY: &[&str] = &["deadlock", "lock_order_inversion", "blocked_event_loop", "hang"];
+    const ORDERLY: &[&str] = &[
+        "deadlock",
+        "lock_order_inversion",
+        "blocked_event_loop",
+        "hang",
+    ];
     each_python(4, |py| {
         let label = py.label.clone();
         let programs: &[(&str, &[&str], &[&str])] = &[

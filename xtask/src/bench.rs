@@ -51,6 +51,9 @@ enum Which {
     /// py-spy polling; detection → watcher latency with 1 and 100 watchers
     /// (see bench_agent.rs).
     Agent,
+    /// A lock-heavy 4-thread program (~1M acquire/release pairs/s) without
+    /// and with pymedic's lock detectors (see bench_locks.rs).
+    Locks,
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -65,6 +68,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             args.runs.min(5) as u32,
         ),
         Which::Record => crate::bench_record::record(args.rounds, args.python.as_deref()),
+        Which::Locks => crate::bench_locks::run(
+            args.rounds,
+            10,
+            &args.python.clone().unwrap_or_else(default_python),
+        ),
         Which::Agent => crate::bench_agent::run(
             args.seconds,
             &args.python.clone().unwrap_or_else(default_python),

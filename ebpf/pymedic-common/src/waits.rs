@@ -36,6 +36,8 @@ pub const CONTENDED_MAP: &str = "WAITS_CONTENDED";
 pub const STEPS_MAP: &str = "WAITS_STEPS";
 /// Global (`u32`): offset of `next_pid` in the `sched:sched_switch` record.
 pub const GLOBAL_SWITCH_NEXT_PID_OFF: &str = "WAITS_SWITCH_NEXT_PID_OFF";
+/// Global (`u32`): offset of `prev_state` in the `sched:sched_switch` record.
+pub const GLOBAL_SWITCH_PREV_STATE_OFF: &str = "WAITS_SWITCH_PREV_STATE_OFF";
 /// Per-CPU `[u64; ErrorCode::COUNT]`.
 pub const ERRORS_MAP: &str = "WAITS_ERRORS";
 /// Global (`u64`): a step longer than this many ns counts as an overrun.

@@ -186,7 +186,13 @@ fn pick(step: Duration, block: Duration, block_stack: u64, cpu_stack: u64) -> Op
 }
 
 impl LoopWatch {
-    fn note(&mut self, tid: u32, stack: &Frames, step: Duration, ongoing: bool) -> Option<(u32, Location)> {
+    fn note(
+        &mut self,
+        tid: u32,
+        stack: &Frames,
+        step: Duration,
+        ongoing: bool,
+    ) -> Option<(u32, Location)> {
         if !is_loop_stack(stack) {
             return None;
         }
@@ -280,9 +286,8 @@ impl Watch for LoopWatch {
         let hold = self.params.hold;
         // Sightings of a step that then ended under another site are not
         // overruns of their own.
-        self.blocks.retain(|_, b| {
-            b.ongoing.is_some() || (b.sum.count > 0 && b.last.elapsed() < hold)
-        });
+        self.blocks
+            .retain(|_, b| b.ongoing.is_some() || (b.sum.count > 0 && b.last.elapsed() < hold));
         let names = self.sub.thread_names();
         let mut out = Vec::new();
         for ((tid, site), b) in &self.blocks {
@@ -334,12 +339,14 @@ impl LoopWatch {
         )
         .with_discriminator(&tid.to_string());
         if let Some(c) = coro {
-            f.related.push(Related::new(&c.loc, "coroutine that made the call"));
+            f.related
+                .push(Related::new(&c.loc, "coroutine that made the call"));
         }
         if let Some(code) = blocking_code(&b.stack)
             && &code.loc != site
         {
-            f.related.push(Related::new(&code.loc, "blocking code runs here"));
+            f.related
+                .push(Related::new(&code.loc, "blocking code runs here"));
         }
         if let Some(inner) = b.stack.first()
             && Some(&inner.loc) != blocking_code(&b.stack).map(|c| &c.loc)
@@ -388,7 +395,12 @@ mod tests {
     fn call_site_and_coroutine() {
         let stack = vec![
             fr("/usr/lib/python3.11/socket.py", "recv_into", 700, 0),
-            fr("/venv/lib/python3.11/site-packages/requests/api.py", "get", 73, 0),
+            fr(
+                "/venv/lib/python3.11/site-packages/requests/api.py",
+                "get",
+                73,
+                0,
+            ),
             fr("/srv/app.py", "fetch", 12, 0x80),
             fr("/usr/lib/python3.11/asyncio/events.py", "_run", 80, 0),
         ];
@@ -405,7 +417,12 @@ mod tests {
         // The loop itself was slow: nothing of the program to blame.
         let machinery_only = vec![
             fr("/usr/lib/python3.11/selectors.py", "select", 468, 0),
-            fr("/usr/lib/python3.11/asyncio/base_events.py", "_run_once", 1900, 0),
+            fr(
+                "/usr/lib/python3.11/asyncio/base_events.py",
+                "_run_once",
+                1900,
+                0,
+            ),
             fr("/usr/lib/python3.11/asyncio/runners.py", "run", 118, 0),
             fr("/srv/app.py", "<module>", 35, 0),
         ];

@@ -239,7 +239,12 @@ impl Watch for DeadlockWatch {
                     .filter(|k| !self.quiet.contains(k)),
             );
         }
-        tracing::debug!(pid, pending = pending.len(), long = long.len(), "deadlock check");
+        tracing::debug!(
+            pid,
+            pending = pending.len(),
+            long = long.len(),
+            "deadlock check"
+        );
         if pending.is_empty() {
             return Ok(Vec::new());
         }
@@ -257,7 +262,10 @@ impl Watch for DeadlockWatch {
                 .collect();
             if let (Some(obj), Some(age)) = (f.evidence.as_object_mut(), ages.iter().min()) {
                 obj.insert("blocked_for_ms".into(), (age.as_millis() as u64).into());
-                obj.insert("trigger_ms".into(), (self.trigger.as_millis() as u64).into());
+                obj.insert(
+                    "trigger_ms".into(),
+                    (self.trigger.as_millis() as u64).into(),
+                );
             }
             for t in &d.threads {
                 if let Some(l) = long.iter().find(|l| l.0 == t.tid) {

@@ -176,8 +176,16 @@ fn judge(
     if share < threshold || w.waits.count == 0 {
         return None;
     }
-    let holder = w.holders.iter().max_by_key(|(_, s)| s.total).map(|(l, _)| l);
-    let waiter = w.wait_sites.iter().max_by_key(|(_, s)| s.total).map(|(l, _)| l);
+    let holder = w
+        .holders
+        .iter()
+        .max_by_key(|(_, s)| s.total)
+        .map(|(l, _)| l);
+    let waiter = w
+        .wait_sites
+        .iter()
+        .max_by_key(|(_, s)| s.total)
+        .map(|(l, _)| l);
     let location = holder.or(waiter)?.clone();
     let title = match holder {
         Some(h) => format!(

@@ -136,7 +136,11 @@ fn alive(t: &ThreadDump, stuck: &[u32]) -> bool {
             w.timed
                 || matches!(
                     w.kind,
-                    WaitKind::Sleep | WaitKind::Io | WaitKind::Child | WaitKind::Syscall | WaitKind::Gil
+                    WaitKind::Sleep
+                        | WaitKind::Io
+                        | WaitKind::Child
+                        | WaitKind::Syscall
+                        | WaitKind::Gil
                 )
         }
     }
@@ -177,12 +181,13 @@ fn hung_reason(
             Some(other) => Some(format!("joins thread {other}, which is stuck too")),
             None => (!others_alive).then(|| "joins a thread that does not finish".into()),
         },
-        WaitKind::Queue | WaitKind::Semaphore | WaitKind::Barrier if !others_alive => Some(format!(
-            "waits on a {} no running thread can feed",
-            w.kind.as_str()
-        )),
+        WaitKind::Queue | WaitKind::Semaphore | WaitKind::Barrier if !others_alive => Some(
+            format!("waits on a {} no running thread can feed", w.kind.as_str()),
+        ),
         WaitKind::Io if t.tid == pid => {
-            let idle = ["epoll", "select", "poll", "accept", "listen", "fd 0", "tty", "pts"];
+            let idle = [
+                "epoll", "select", "poll", "accept", "listen", "fd 0", "tty", "pts",
+            ];
             let sc = w.syscall.clone().unwrap_or_default();
             if idle.iter().any(|i| sc.contains(i) || detail.contains(i)) {
                 None
@@ -207,7 +212,12 @@ fn holder_of(snap: &Snapshot, t: &ThreadDump) -> Option<u32> {
 }
 
 impl HangWatch {
-    fn judge(&self, snap: &Snapshot, stuck: &[(u32, Duration)], cx: &CheckContext<'_>) -> Vec<Finding> {
+    fn judge(
+        &self,
+        snap: &Snapshot,
+        stuck: &[(u32, Duration)],
+        cx: &CheckContext<'_>,
+    ) -> Vec<Finding> {
         let pid = cx.target.id.pid;
         let stuck_tids: Vec<u32> = stuck.iter().map(|s| s.0).collect();
         let alive_tids: Vec<u32> = snap
@@ -232,7 +242,10 @@ impl HangWatch {
                 continue;
             };
             let w = t.waiting.as_ref().expect("hung_reason needs a wait");
-            let Some(at) = w.at.clone().or_else(|| t.top_python().map(|f| f.location())) else {
+            let Some(at) =
+                w.at.clone()
+                    .or_else(|| t.top_python().map(|f| f.location()))
+            else {
                 continue;
             };
             let mut f = Finding::new(
@@ -326,7 +339,10 @@ impl Watch for HangWatch {
             // Nothing moved: the same threads are still where they were.
             let mut findings = findings.clone();
             for f in &mut findings {
-                if let Some(s) = f.stacks.first().and_then(|s| stuck.iter().find(|x| x.0 == s.tid))
+                if let Some(s) = f
+                    .stacks
+                    .first()
+                    .and_then(|s| stuck.iter().find(|x| x.0 == s.tid))
                     && let Some(o) = f.evidence.as_object_mut()
                 {
                     o.insert(

@@ -127,8 +127,14 @@ impl LockWindow {
             };
             let l = self.locks.entry(w.uaddr).or_default();
             l.waits.add(w.count, w.total, w.max);
-            l.threads.entry(w.tid).or_default().add(w.count, w.total, w.max);
-            l.sites.entry(site.clone()).or_default().add(w.count, w.total, w.max);
+            l.threads
+                .entry(w.tid)
+                .or_default()
+                .add(w.count, w.total, w.max);
+            l.sites
+                .entry(site.clone())
+                .or_default()
+                .add(w.count, w.total, w.max);
             l.stacks.entry(site).or_insert((w.tid, w.stack.clone()));
         }
         for w in &v.wakes {
@@ -138,8 +144,13 @@ impl LockWindow {
             let Some(site) = sites::acquire_site(&w.stack) else {
                 continue;
             };
-            l.holders.entry(site.clone()).or_default().add(w.count, w.total, w.max);
-            l.holder_stacks.entry(site).or_insert((w.tid, w.stack.clone()));
+            l.holders
+                .entry(site.clone())
+                .or_default()
+                .add(w.count, w.total, w.max);
+            l.holder_stacks
+                .entry(site)
+                .or_insert((w.tid, w.stack.clone()));
         }
     }
 }
@@ -172,7 +183,12 @@ impl Watch for ContentionWatch {
 }
 
 impl ContentionWatch {
-    fn judge(&mut self, w: &LockWindow, elapsed: Duration, cx: &CheckContext<'_>) -> Vec<(u64, Finding)> {
+    fn judge(
+        &mut self,
+        w: &LockWindow,
+        elapsed: Duration,
+        cx: &CheckContext<'_>,
+    ) -> Vec<(u64, Finding)> {
         let p = self.params;
         let secs = elapsed.as_secs_f64().max(0.001);
         let mut locks: Vec<(&u64, &LockAgg)> = w.locks.iter().collect();
@@ -185,7 +201,11 @@ impl ContentionWatch {
             }
             let share = l.waits.total.as_secs_f64() / secs;
             let was = self.reported.iter().any(|(a, _)| a == addr);
-            let threshold = if was { p.min_wait_share / 2.0 } else { p.min_wait_share };
+            let threshold = if was {
+                p.min_wait_share / 2.0
+            } else {
+                p.min_wait_share
+            };
             if share < threshold || l.waits.count == 0 {
                 continue;
             }
@@ -194,7 +214,10 @@ impl ContentionWatch {
             };
             let name = sites::lock_name(&mut self.sources, cx.target.id.pid, site)
                 .unwrap_or_else(|| format!("lock {addr:#x}"));
-            out.push((*addr, finding(*addr, &name, site, l, share, secs, p.top, &names, cx)));
+            out.push((
+                *addr,
+                finding(*addr, &name, site, l, share, secs, p.top, &names, cx),
+            ));
         }
         out
     }

@@ -165,8 +165,11 @@ impl LockGraph {
             }
         }
         if self.max_edges > 0 && self.edges.len() > self.max_edges {
-            let mut by_seen: Vec<((Node, Node), u64)> =
-                self.edges.iter().map(|(k, e)| (k.clone(), e.seen)).collect();
+            let mut by_seen: Vec<((Node, Node), u64)> = self
+                .edges
+                .iter()
+                .map(|(k, e)| (k.clone(), e.seen))
+                .collect();
             by_seen.sort_by_key(|(_, s)| *s);
             for (k, _) in by_seen.into_iter().take(self.edges.len() - self.max_edges) {
                 self.edges.remove(&k);
@@ -322,8 +325,16 @@ mod tests {
     #[test]
     fn a_common_gate_lock_prevents_the_deadlock() {
         let mut g = LockGraph::new(1000);
-        g.observe(&obs(1, vec![acq("g", 1, 1), acq("a", 10, 5), acq("b", 20, 6)], false));
-        g.observe(&obs(2, vec![acq("g", 1, 2), acq("b", 20, 15), acq("a", 10, 16)], false));
+        g.observe(&obs(
+            1,
+            vec![acq("g", 1, 1), acq("a", 10, 5), acq("b", 20, 6)],
+            false,
+        ));
+        g.observe(&obs(
+            2,
+            vec![acq("g", 1, 2), acq("b", 20, 15), acq("a", 10, 16)],
+            false,
+        ));
         assert!(g.cycles().is_empty());
     }
 

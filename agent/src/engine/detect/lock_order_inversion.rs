@@ -227,7 +227,10 @@ impl OrderWatch {
         for e in &c.edges {
             f.related.push(Related::new(
                 &e.outer_at,
-                format!("thread {} ({}) takes {} here", e.thread, e.tid, e.outer_name),
+                format!(
+                    "thread {} ({}) takes {} here",
+                    e.thread, e.tid, e.outer_name
+                ),
             ));
             f.related.push(Related::new(
                 &e.inner_at,

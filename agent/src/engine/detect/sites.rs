@@ -120,7 +120,9 @@ mod tests {
         assert!(is_lock_wait(&[f("app.py", "transfer")]));
         assert!(!is_lock_wait(&[]));
         assert_eq!(
-            acquire_site(&[f(t, "__enter__"), f("app.py", "put")]).unwrap().file,
+            acquire_site(&[f(t, "__enter__"), f("app.py", "put")])
+                .unwrap()
+                .file,
             "app.py"
         );
         assert_eq!(

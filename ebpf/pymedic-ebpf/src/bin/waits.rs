@@ -26,8 +26,8 @@ use pymedic_common::{
     errors::ErrorCode,
     pystack::EMPTY_STACK_ID,
     waits::{
-        AGG_MAX, AddrKey, CONTENDED_MAX, InflightWait, StepState, THREADS_MAX, WAIT_TIMED,
-        WaitAgg, WaitKey,
+        AGG_MAX, AddrKey, CONTENDED_MAX, InflightWait, StepState, THREADS_MAX, WAIT_TIMED, WaitAgg,
+        WaitKey,
     },
 };
 use pymedic_ebpf::{
@@ -57,6 +57,8 @@ static WAITS_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ErrorCode:
 static WAITS_STEP_THRESHOLD_NS: Global<u64> = Global::new(100_000_000);
 #[unsafe(no_mangle)]
 static WAITS_SWITCH_NEXT_PID_OFF: Global<u32> = Global::new(56);
+#[unsafe(no_mangle)]
+static WAITS_SWITCH_PREV_STATE_OFF: Global<u32> = Global::new(24);
 #[unsafe(no_mangle)]
 static WAITS_FUTEX_UADDR_OFF: Global<u32> = Global::new(16);
 #[unsafe(no_mangle)]
@@ -274,9 +276,12 @@ pub fn waits_loop_exit(_ctx: TracePointContext) -> u32 {
 pub fn waits_switch(ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current();
     let t = now();
-    // The outgoing task: a loop thread inside a step blocks here.
+    // The outgoing task: a loop thread inside a step blocks here (a
+    // preempted thread, reported as running (R or R+), is not blocking).
     if tid != 0
         && let Some(s) = WAITS_STEPS.get_ptr_mut(tid)
+        && read_arg::<i64>(&ctx, WAITS_SWITCH_PREV_STATE_OFF.load())
+            .is_some_and(|st| st & 0xff != 0)
     {
         // SAFETY: a live map value of this thread, which runs here only.
         let in_step = unsafe { (*s).in_wait == 0 && (*s).step_start_ns != 0 };
