@@ -8,6 +8,9 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = pymedic::cli::Cli::parse();
     pymedic::cli::init_logging(cli.verbose);
+    if !matches!(cli.command, pymedic::cli::Command::Agent(_)) {
+        pymedic::cli::die_quietly_on_closed_stdout();
+    }
     match pymedic::cli::run(cli) {
         Ok(code) => code,
         Err(err) => {

@@ -148,6 +148,18 @@ pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One-shot commands end quietly when their reader goes away
+/// (`pymedic analyze --json | head`), as Unix tools do: restores SIGPIPE's
+/// default action, which Rust's runtime ignores. Not for the daemon, whose
+/// sockets must never kill it.
+pub fn die_quietly_on_closed_stdout() {
+    // SAFETY: called once at start-up, before any thread is spawned;
+    // SIG_DFL is a valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Bad input from the user (configuration, flags): exit status 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
