@@ -71,6 +71,24 @@ fn lines(f: &Value, key: &str) -> Vec<u64> {
         .collect()
 }
 
+/// Each edge of a `lock_order_inversion` finding as (outer line, inner
+/// line), sorted.
+fn edge_sites(f: &Value) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = f["evidence"]["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["outer"]["taken_at"]["line"].as_u64().unwrap(),
+                e["inner"]["taken_at"]["line"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 /// Runs `per_python` for every interpreter, `parallel` at a time.
 fn each_python(parallel: usize, per_python: impl Fn(Python) + Send + Sync + Copy + 'static) {
     let all = pythons();
@@ -138,6 +156,7 @@ fn temporal_detectors_find_every_scenario_with_its_sites() {
             &[
                 ("temporal/live_deadlock.py", &["6"]),
                 ("temporal/lock_inversion.py", &[]),
+                ("temporal/transfer_inversion.py", &[]),
                 ("temporal/lock_contention.py", &[]),
                 ("temporal/gil_contention.py", &[]),
                 ("temporal/blocked_loop.py", &[]),
@@ -196,7 +215,42 @@ fn temporal_detectors_find_every_scenario_with_its_sites() {
                 f[0]
             );
         }
+        assert_eq!(
+            edge_sites(f[0]),
+            [
+                (
+                    marker(s, "OUTER place_order"),
+                    marker(s, "INNER place_order")
+                ),
+                (marker(s, "OUTER restock"), marker(s, "INNER restock")),
+            ],
+            "{label}: {}",
+            f[0]
+        );
         assert!(of_kind(v, "deadlock").is_empty(), "{label}: {v}");
+        // The same two lines in both directions (locks passed as arguments).
+        let s = "temporal/transfer_inversion.py";
+        let v = &r[s].1;
+        let f = of_kind(v, "lock_order_inversion");
+        assert_eq!(f.len(), 1, "{label}: {v}");
+        let (outer, inner) = (marker(s, "OUTER transfer"), marker(s, "INNER transfer"));
+        assert_eq!(
+            edge_sites(f[0]),
+            [(outer, inner), (outer, inner)],
+            "{label}: {}",
+            f[0]
+        );
+        let ids: Vec<_> = f[0]["evidence"]["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["outer"]["id"].clone(), e["inner"]["id"].clone()))
+            .collect();
+        assert!(
+            ids[0].0 == ids[1].1 && ids[0].1 == ids[1].0 && ids[0].0 != ids[0].1,
+            "{label}: not a two-lock cycle: {}",
+            f[0]
+        );
 
         // lock_contention: the contended site and the holder.
         let s = "temporal/lock_contention.py";

@@ -291,7 +291,10 @@ impl Watch for LoopWatch {
         let names = self.sub.thread_names();
         let mut out = Vec::new();
         for ((tid, site), b) in &self.blocks {
-            out.push(self.finding(*tid, site, b, &names, cx));
+            let mut f = self.finding(*tid, site, b, &names, cx);
+            let extra = super::explain::related(&f, cx.target.id.pid);
+            f.related.extend(extra.iter().cloned());
+            out.push(f);
         }
         Ok(out)
     }

@@ -189,19 +189,49 @@ impl Watch for OrderWatch {
             .flat_map(|d| d.threads.iter().map(|t| t.waiting_for.lock.id.clone()))
             .collect();
         let target = cx.target.model();
-        Ok(self
+        let mut out: Vec<Finding> = self
             .graph
             .cycles()
             .iter()
             .filter(|c| !c.edges.iter().all(|e| live.contains(&e.outer.id)))
             .map(|c| self.finding(c, &target))
-            .collect())
+            .collect();
+        for f in &mut out {
+            let extra = super::explain::related(f, cx.target.id.pid);
+            f.related.extend(extra.iter().cloned());
+        }
+        Ok(out)
     }
 }
 
 impl OrderWatch {
     fn finding(&self, c: &Cycle, target: &pymedic_model::Target) -> Finding {
-        let names: Vec<String> = c.edges.iter().map(|e| e.outer_name.clone()).collect();
+        // Locks reached by the same expression (`src.lock` in both
+        // directions) are told apart by their address.
+        let same = |n: &str| {
+            let mut ids: Vec<&str> = c
+                .edges
+                .iter()
+                .flat_map(|e| [(&e.outer_name, &e.outer.id), (&e.inner_name, &e.inner.id)])
+                .filter(|(name, _)| name.as_str() == n)
+                .map(|(_, id)| id.as_str())
+                .collect();
+            ids.sort();
+            ids.dedup();
+            ids.len() > 1
+        };
+        let shown = |n: &str, id: &str| {
+            if same(n) {
+                format!("{n} ({id})")
+            } else {
+                n.to_owned()
+            }
+        };
+        let names: Vec<String> = c
+            .edges
+            .iter()
+            .map(|e| shown(&e.outer_name, &e.outer.id))
+            .collect();
         let threads: Vec<String> = c.edges.iter().map(|e| e.thread.clone()).collect();
         let first = &c.edges[0];
         let waited = c.edges.iter().any(|e| e.waited);

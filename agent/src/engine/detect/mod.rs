@@ -17,6 +17,7 @@
 pub mod blocked_event_loop;
 pub mod cpu_hotspot;
 pub mod deadlock;
+pub mod explain;
 pub mod gil_contention;
 pub mod hang;
 pub mod lock_contention;
