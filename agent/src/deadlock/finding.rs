@@ -17,11 +17,7 @@ pub fn to_finding(d: &Deadlock, target: &Target) -> Finding {
         )
     } else {
         let names: Vec<&str> = d.threads.iter().map(|t| t.name.as_str()).collect();
-        let locks: Vec<&str> = d
-            .threads
-            .iter()
-            .map(|t| t.waiting_for.lock.name.as_str())
-            .collect();
+        let locks = super::lock_labels(&d.threads);
         format!(
             "{} threads deadlocked ({}) over {}",
             d.threads.len(),

@@ -256,12 +256,14 @@ fn deadlock(
             t.name, t.tid, t.waiting_at, t.waiting_for.lock.name
         )
     } else {
+        let labels = lock_labels(&threads);
         let parts: Vec<String> = threads
             .iter()
-            .map(|t| {
+            .zip(&labels)
+            .map(|(t, lock)| {
                 format!(
                     "{} ({}) waits at {} for {} held by {}",
-                    t.name, t.tid, t.waiting_at, t.waiting_for.lock.name, t.waiting_for.holder_tid
+                    t.name, t.tid, t.waiting_at, lock, t.waiting_for.holder_tid
                 )
             })
             .collect();
@@ -274,6 +276,26 @@ fn deadlock(
         confirmed: false,
         confidence: if inferred { 0.9 } else { 0.97 },
     }
+}
+
+/// The awaited lock of each thread, by the expression it was reached by;
+/// when two different locks share an expression (`dst.lock` in two frames
+/// of the same function), each is told apart by its address.
+pub fn lock_labels(threads: &[DeadlockThread]) -> Vec<String> {
+    threads
+        .iter()
+        .map(|t| {
+            let lock = &t.waiting_for.lock;
+            let ambiguous = threads.iter().any(|o| {
+                o.waiting_for.lock.name == lock.name && o.waiting_for.lock.id != lock.id
+            });
+            if ambiguous {
+                format!("{} @{}", lock.name, lock.id)
+            } else {
+                lock.name.clone()
+            }
+        })
+        .collect()
 }
 
 /// Identity of a deadlock: its (tid, awaited lock) pairs.

@@ -251,3 +251,25 @@ fn finding_has_sites_and_stacks() {
     let v = serde_json::to_value(&f).unwrap();
     assert_eq!(v["evidence"]["threads"][0]["holder_tid"], 2);
 }
+
+#[test]
+fn locks_reached_by_the_same_expression_are_told_apart() {
+    // transfer(a, b) and transfer(b, a): both threads wait on `dst.lock`.
+    let same = |id: &str| LockRef {
+        name: "dst.lock".into(),
+        ..lock(id, LockKind::Lock)
+    };
+    let (a, b) = (same("0xa"), same("0xb"));
+    let s = snap(vec![
+        waits(holds(thread(1), a.clone(), 5), b.clone(), 6),
+        waits(holds(thread(2), b.clone(), 5), a.clone(), 6),
+    ]);
+    let r = analyze(&s);
+    let f = to_finding(&r.deadlocks[0], &s.target);
+    assert!(
+        f.title.contains("dst.lock @0xb") && f.title.contains("dst.lock @0xa"),
+        "{}",
+        f.title
+    );
+    assert!(r.deadlocks[0].summary.contains("dst.lock @0xb"));
+}

@@ -112,6 +112,11 @@ impl Detector for CpuHotspot {
         Duration::from_secs(2)
     }
 
+    fn backs_off_when_busy(&self) -> bool {
+        // Reads the profiler's kernel maps only: a busy target pays nothing.
+        false
+    }
+
     fn watch(&self, target: &TargetInfo) -> Result<Option<Box<dyn Watch>>, DetectError> {
         let mut sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
         if sh.profiler.is_none() {
