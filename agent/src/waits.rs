@@ -36,6 +36,8 @@ use pymedic_python::{Interpreter, LiveMemory, PythonProcess};
 use crate::bpf::{self, BpfError, objects, tracefs};
 use crate::pystack;
 
+mod sem_gen;
+
 const OBJECT: &str = "waits";
 
 /// The kernel maps are read at most this often.
@@ -175,6 +177,9 @@ pub struct Sensor {
     steps: Vec<(u32, StepState)>,
     stacks: HashMap<(u32, u64), Frames>,
     max_stacks: u32,
+    sems: sem_gen::SemProbe,
+    /// Processes whose lock allocations are counted.
+    sem_covered: std::collections::HashSet<u32>,
 }
 
 static SHARED: Mutex<Weak<Mutex<Sensor>>> = Mutex::new(Weak::new());
@@ -227,6 +232,20 @@ impl Subscription {
 }
 
 impl Subscription {
+    /// The allocation generation of each lock semaphore address (`sem_t*`)
+    /// of this process: how many times `sem_init` ran there since the
+    /// sensor began counting. `None` when this process's allocations are
+    /// not counted (no libc found, or the probe failed).
+    pub fn lock_generations(&self, sems: &[u64]) -> Option<Vec<u32>> {
+        let s = lock(&self.sensor);
+        if !s.sem_covered.contains(&self.pid) {
+            return None;
+        }
+        sem_gen::generations(&s.bpf, self.pid, sems)
+            .inspect_err(|e| tracing::debug!(pid = self.pid, "lock generations: {e}"))
+            .ok()
+    }
+
     /// Thread names of the process by tid: the Python name
     /// (`threading.Thread.name`) where the interpreter has one, else the
     /// kernel's `comm`.
@@ -344,6 +363,8 @@ impl Sensor {
             steps: Vec::new(),
             stacks: HashMap::new(),
             max_stacks,
+            sems: sem_gen::SemProbe::default(),
+            sem_covered: Default::default(),
         })
     }
 
@@ -352,6 +373,17 @@ impl Sensor {
         if !known {
             self.stacks.retain(|k, _| k.0 != p.pid);
             pystack::register(&mut self.bpf, p)?;
+            match self.sems.cover(&mut self.bpf, p.pid) {
+                Ok(true) => {
+                    self.sem_covered.insert(p.pid);
+                }
+                Ok(false) => tracing::debug!(pid = p.pid, "no libc to count lock allocations in"),
+                Err(e) => tracing::warn!(
+                    pid = p.pid,
+                    "lock allocations are not counted ({e}); a lock at a reused address may \
+                     be taken for its predecessor"
+                ),
+            }
             let interp = Interpreter::for_process(LiveMemory::new(p.pid), p).ok();
             let gil = interp.as_ref().and_then(|i| {
                 let main = i.threads().ok()?.first()?.interp;
@@ -394,6 +426,7 @@ impl Sensor {
             return;
         }
         self.procs.remove(&pid);
+        self.sem_covered.remove(&pid);
         if let Err(e) = pystack::unregister(&mut self.bpf, pid) {
             tracing::warn!(pid, "unregistering from the waits sensor: {e}");
         }

@@ -48,6 +48,15 @@ pub const GLOBAL_FUTEX_UADDR_OFF: &str = "WAITS_FUTEX_UADDR_OFF";
 pub const GLOBAL_FUTEX_OP_OFF: &str = "WAITS_FUTEX_OP_OFF";
 pub const GLOBAL_FUTEX_UTIME_OFF: &str = "WAITS_FUTEX_UTIME_OFF";
 
+/// `LruHashMap<AddrKey, u32>`: how many times each semaphore address of a
+/// registered process was initialised (`sem_init`, a uprobe on the
+/// process's libc). A `threading.Lock`/`RLock` allocates its `sem_t` with
+/// `sem_init`, so a lock object at a reused address (with, as malloc
+/// likes to, a reused semaphore) is told from its predecessor.
+pub const SEM_GEN_MAP: &str = "WAITS_SEM_GEN";
+/// Capacity of [`SEM_GEN_MAP`].
+pub const SEM_GEN_MAX: u32 = 65536;
+
 /// Capacity of [`INFLIGHT_MAP`] and [`STEPS_MAP`].
 pub const THREADS_MAX: u32 = 16384;
 /// Capacity of [`WAIT_AGG_MAP`] and [`WAKE_AGG_MAP`].

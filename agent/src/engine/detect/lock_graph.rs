@@ -4,9 +4,10 @@
 //! Pure: the `lock_order_inversion` detector feeds it observations.
 //!
 //! * Nodes are lock identities (object address + generation): when the
-//!   same address turns out to hold a different lock (its semaphore moved),
-//!   the old generation's edges are dropped, so a freed and reused address
-//!   never makes a false edge.
+//!   same address turns out to hold a different lock (its semaphore moved,
+//!   or the semaphore was initialised again: a new allocation), the old
+//!   generation's edges are dropped, so a freed and reused address never
+//!   makes a false edge.
 //! * An edge remembers the locks its thread held *before* the outer one
 //!   (gate locks); a cycle whose every edge was taken under one common gate
 //!   lock cannot deadlock (the gate serialises it) and is not reported.
@@ -29,8 +30,11 @@ pub struct Node {
 pub struct Acquired {
     /// Object address.
     pub id: String,
-    /// Address of its semaphore (changes when the address is reused).
+    /// Address of its semaphore (may change when the address is reused).
     pub futex: u64,
+    /// How many times that semaphore was initialised (`sem_init`): a new
+    /// lock at a reused address has a new count. 0 when not counted.
+    pub alloc: u32,
     /// The expression it was reached by (`self._lock`).
     pub name: String,
     /// Where it was taken (or, for the last, is being waited for).
@@ -87,8 +91,8 @@ impl Cycle {
 /// The graph of one process.
 #[derive(Default)]
 pub struct LockGraph {
-    /// Object address → (semaphore address, generation).
-    generations: HashMap<String, (u64, u32)>,
+    /// Object address → ((semaphore address, its allocation count), generation).
+    generations: HashMap<String, ((u64, u32), u32)>,
     edges: HashMap<(Node, Node), Edge>,
     /// Bound on edges kept (oldest-seen dropped first beyond it).
     pub max_edges: usize,
@@ -107,15 +111,16 @@ impl LockGraph {
     }
 
     /// The node for a lock, starting a new generation when its address now
-    /// holds a different semaphore.
-    fn node(&mut self, id: &str, futex: u64) -> Node {
-        let entry = self.generations.entry(id.to_owned()).or_insert((futex, 0));
-        if entry.0 != futex {
+    /// holds a different semaphore, or a re-initialised one.
+    fn node(&mut self, id: &str, futex: u64, alloc: u32) -> Node {
+        let sem = (futex, alloc);
+        let entry = self.generations.entry(id.to_owned()).or_insert((sem, 0));
+        if entry.0 != sem {
             let old = Node {
                 id: id.to_owned(),
                 generation: entry.1,
             };
-            *entry = (futex, entry.1 + 1);
+            *entry = (sem, entry.1 + 1);
             self.edges.retain(|(a, b), _| *a != old && *b != old);
         }
         Node {
@@ -128,7 +133,7 @@ impl LockGraph {
     pub fn observe(&mut self, o: &Observation) {
         let mut nodes: Vec<(Node, &Acquired)> = Vec::new();
         for a in &o.sequence {
-            let n = self.node(&a.id, a.futex);
+            let n = self.node(&a.id, a.futex, a.alloc);
             // Re-entry (an RLock taken again) is not an edge.
             if nodes.iter().any(|(m, _)| *m == n) {
                 continue;
@@ -256,6 +261,7 @@ mod tests {
         Acquired {
             id: id.into(),
             futex,
+            alloc: 0,
             name: format!("lock_{id}"),
             at: Location::new("app.py", "f", line),
         }
@@ -320,6 +326,21 @@ mod tests {
         // "a" was freed; its address now holds another lock (new semaphore).
         g.observe(&obs(2, vec![acq("b", 20, 15), acq("a", 11, 16)], false));
         assert!(g.cycles().is_empty());
+    }
+
+    #[test]
+    fn a_reused_address_and_semaphore_with_a_new_allocation_is_a_new_lock() {
+        let mut g = LockGraph::new(1000);
+        let mut a = acq("a", 10, 5);
+        a.alloc = 1;
+        g.observe(&obs(1, vec![a.clone(), acq("b", 20, 6)], false));
+        // Same object and semaphore addresses, initialised again.
+        a.alloc = 2;
+        g.observe(&obs(2, vec![acq("b", 20, 15), a.clone()], false));
+        assert!(g.cycles().is_empty());
+        // The same allocation seen again is the same lock.
+        g.observe(&obs(3, vec![a, acq("b", 20, 6)], false));
+        assert_eq!(g.cycles().len(), 1);
     }
 
     #[test]

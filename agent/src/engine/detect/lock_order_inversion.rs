@@ -16,6 +16,12 @@
 //! blocked in `futex` (a contended acquisition: the moment an inversion is
 //! most visible).
 //!
+//! A lock object at a freed and reused address (malloc readily reuses
+//! both the object's and its semaphore's) is a different lock: the waits
+//! sensor counts `sem_init` per semaphore address (a uprobe on the
+//! target's libc; lock creation is rare, so it costs nothing measurable),
+//! and a changed count starts a new node ([`super::lock_graph`]).
+//!
 //! What sampling misses: nested regions a thread passes through quickly
 //! (a nested `with` that holds both locks for microseconds) are seen only
 //! if a read lands inside them or the inner acquisition blocks; the chance
@@ -123,6 +129,7 @@ pub fn observations(snap: &Snapshot) -> Vec<Observation> {
             .map(|h| Acquired {
                 id: h.lock.id.clone(),
                 futex: Locks::<pymedic_python::LiveMemory>::futex(&h.lock),
+                alloc: 0,
                 name: h.lock.name.clone(),
                 at: h.acquired_at.clone(),
             })
@@ -135,6 +142,7 @@ pub fn observations(snap: &Snapshot) -> Vec<Observation> {
             sequence.push(Acquired {
                 id: lock.id.clone(),
                 futex: Locks::<pymedic_python::LiveMemory>::futex(lock),
+                alloc: 0,
                 name: lock.name.clone(),
                 at: at.clone(),
             });
@@ -178,8 +186,10 @@ impl Watch for OrderWatch {
         })?;
         usage::record_samples(1);
         self.samples += 1;
-        for o in observations(&snap) {
-            self.graph.observe(&o);
+        let mut obs = observations(&snap);
+        self.stamp_allocations(&mut obs);
+        for o in &obs {
+            self.graph.observe(o);
         }
         // A cycle that is deadlocked right now is the `deadlock` detector's
         // finding, not a deadlock that may happen.
@@ -205,6 +215,28 @@ impl Watch for OrderWatch {
 }
 
 impl OrderWatch {
+    /// Sets each observed lock's allocation count (see
+    /// [`crate::waits::Subscription::lock_generations`]).
+    fn stamp_allocations(&self, obs: &mut [Observation]) {
+        let Some(sensor) = &self.sensor else {
+            return;
+        };
+        let sems: Vec<u64> = obs
+            .iter()
+            .flat_map(|o| o.sequence.iter().map(|a| a.futex))
+            .collect();
+        if sems.is_empty() {
+            return;
+        }
+        let Some(gens) = sensor.lock_generations(&sems) else {
+            return;
+        };
+        let mut gens = gens.into_iter();
+        for a in obs.iter_mut().flat_map(|o| o.sequence.iter_mut()) {
+            a.alloc = gens.next().unwrap_or(0);
+        }
+    }
+
     fn finding(&self, c: &Cycle, target: &pymedic_model::Target) -> Finding {
         // Locks reached by the same expression (`src.lock` in both
         // directions) are told apart by their address.

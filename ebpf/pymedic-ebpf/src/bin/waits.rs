@@ -11,6 +11,8 @@
 //! * `waits_sample` (per-CPU clock, low rate): the stack of a loop thread
 //!   whose step has run long (CPU-bound work in a coroutine).
 //! * `waits_exit` (`sched:sched_process_exit`): forget the exiting thread.
+//! * `waits_sem_init` (uprobe on libc's `sem_init`): count initialisations
+//!   per semaphore address (lock allocation generations).
 #![no_std]
 #![no_main]
 
@@ -18,16 +20,16 @@ use aya_ebpf::{
     Global,
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{map, perf_event, tracepoint},
-    maps::{HashMap, PerCpuArray},
-    programs::{PerfEventContext, TracePointContext},
+    macros::{map, perf_event, tracepoint, uprobe},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::{PerfEventContext, ProbeContext, TracePointContext},
 };
 use pymedic_common::{
     errors::ErrorCode,
     pystack::EMPTY_STACK_ID,
     waits::{
-        AGG_MAX, AddrKey, CONTENDED_MAX, InflightWait, StepState, THREADS_MAX, WAIT_TIMED, WaitAgg,
-        WaitKey,
+        AGG_MAX, AddrKey, CONTENDED_MAX, InflightWait, SEM_GEN_MAX, StepState, THREADS_MAX,
+        WAIT_TIMED, WaitAgg, WaitKey,
     },
 };
 use pymedic_ebpf::{
@@ -49,6 +51,9 @@ static WAITS_CONTENDED: HashMap<AddrKey, u64> = HashMap::with_max_entries(CONTEN
 
 #[map]
 static WAITS_STEPS: HashMap<u32, StepState> = HashMap::with_max_entries(THREADS_MAX, 0);
+
+#[map]
+static WAITS_SEM_GEN: LruHashMap<AddrKey, u32> = LruHashMap::with_max_entries(SEM_GEN_MAX, 0);
 
 #[map]
 static WAITS_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ErrorCode::COUNT, 0);
@@ -345,6 +350,26 @@ pub fn waits_exit(_ctx: TracePointContext) -> u32 {
         let _ = WAITS_INFLIGHT.remove(tid);
         let _ = WAITS_STEPS.remove(tid);
     }
+    0
+}
+
+#[uprobe]
+pub fn waits_sem_init(ctx: ProbeContext) -> u32 {
+    let (tgid, _) = current();
+    if pystack::proc_info(tgid).is_none() {
+        return 0;
+    }
+    let Some(sem) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    let key = AddrKey {
+        uaddr: sem,
+        tgid,
+        _pad: 0,
+    };
+    // SAFETY: a live map value, read and written by value.
+    let next = unsafe { WAITS_SEM_GEN.get(&key) }.map_or(1, |g| g.wrapping_add(1));
+    let _ = WAITS_SEM_GEN.insert(&key, &next, 0);
     0
 }
 
