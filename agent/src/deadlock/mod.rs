@@ -286,9 +286,9 @@ pub fn lock_labels(threads: &[DeadlockThread]) -> Vec<String> {
         .iter()
         .map(|t| {
             let lock = &t.waiting_for.lock;
-            let ambiguous = threads.iter().any(|o| {
-                o.waiting_for.lock.name == lock.name && o.waiting_for.lock.id != lock.id
-            });
+            let ambiguous = threads
+                .iter()
+                .any(|o| o.waiting_for.lock.name == lock.name && o.waiting_for.lock.id != lock.id);
             if ambiguous {
                 format!("{} @{}", lock.name, lock.id)
             } else {
