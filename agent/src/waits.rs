@@ -195,7 +195,9 @@ pub fn shared() -> Result<Arc<Mutex<Sensor>>, WaitsError> {
     if let Some(s) = g.upgrade() {
         return Ok(s);
     }
+    let t0 = Instant::now();
     let s = Arc::new(Mutex::new(Sensor::start()?));
+    tracing::debug!("waits sensor loaded in {:?}", t0.elapsed());
     *g = Arc::downgrade(&s);
     Ok(s)
 }

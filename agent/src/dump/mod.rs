@@ -273,9 +273,23 @@ impl Dumper {
             .any(|d| d.waiting.as_ref().is_some_and(|w| w.kind == WaitKind::Lock));
         if (lock_waits || opts.holds) && !opts.no_verdicts {
             for ((t, frames), d) in threads.iter().zip(&stacks).zip(dumps.iter_mut()) {
-                d.holds = classifier
+                let held = classifier
                     .locks
                     .held_by(pid, &mut self.sources, frames, t.thread_id);
+                // The stack was read before its locals were: a thread that
+                // has since left those frames may have handed the frame
+                // objects to another thread (3.8–3.10 recycle them per code
+                // object), whose locks would be taken for its own. Keep
+                // the holds only when the same frames are still there.
+                let still = held.is_empty()
+                    || interp.frames(t).is_ok_and(|now| {
+                        now.len() == frames.len()
+                            && now
+                                .iter()
+                                .zip(frames)
+                                .all(|(a, b)| a.addr == b.addr && a.code.addr == b.code.addr)
+                    });
+                d.holds = if still { held } else { Vec::new() };
             }
         }
         Ok(Snapshot {

@@ -13,9 +13,12 @@
 //!   lock cannot deadlock (the gate serialises it) and is not reported.
 //! * Re-entering a lock already held (an `RLock`) is not an edge.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use pymedic_model::Location;
+
+/// Threads remembered per edge.
+pub const MAX_EDGE_THREADS: usize = 16;
 
 /// A lock identity within one process.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -66,6 +69,9 @@ pub struct Edge {
     pub tid: u32,
     pub thread: String,
     pub stack: Vec<Location>,
+    /// Every thread seen taking this edge (tid → name; at most
+    /// [`MAX_EDGE_THREADS`]).
+    pub threads: BTreeMap<u32, String>,
     /// The inner lock was being waited for (contended) when seen.
     pub waited: bool,
     pub seen: u64,
@@ -160,11 +166,15 @@ impl LockGraph {
                         tid: o.tid,
                         thread: o.thread.clone(),
                         stack: o.stack.clone(),
+                        threads: BTreeMap::new(),
                         waited,
                         seen: 0,
                         gates: gates.clone(),
                     });
                 e.seen += 1;
+                if e.threads.len() < MAX_EDGE_THREADS || e.threads.contains_key(&o.tid) {
+                    e.threads.insert(o.tid, o.thread.clone());
+                }
                 e.waited |= waited;
                 e.gates = e.gates.intersection(&gates).cloned().collect();
             }
@@ -202,11 +212,17 @@ impl LockGraph {
             };
             let mut edges = vec![first.clone()];
             edges.extend(path.into_iter().cloned());
-            let cycle = Cycle { edges };
-            let threads: HashSet<u32> = cycle.edges.iter().map(|e| e.tid).collect();
+            // Two or more threads between them (one thread taking locks in
+            // both orders cannot deadlock with itself).
+            let threads: HashSet<u32> = edges
+                .iter()
+                .flat_map(|e| e.threads.keys().copied())
+                .collect();
             if threads.len() < 2 {
                 continue;
             }
+            attribute(&mut edges);
+            let cycle = Cycle { edges };
             let mut common = cycle.edges[0].gates.clone();
             for e in &cycle.edges[1..] {
                 common = common.intersection(&e.gates).cloned().collect();
@@ -219,6 +235,31 @@ impl LockGraph {
             }
         }
         out
+    }
+}
+
+/// Names, for each edge of a cycle, a thread that took it, each different
+/// from the previous edge's when the edge has another.
+fn attribute(edges: &mut [Edge]) {
+    let mut prev: Option<u32> = None;
+    for i in 0..edges.len() {
+        let next: Option<Vec<u32>> = edges
+            .get(i + 1)
+            .map(|e| e.threads.keys().copied().collect());
+        let e = &mut edges[i];
+        let pick = e
+            .threads
+            .keys()
+            .copied()
+            .filter(|t| Some(*t) != prev)
+            // Prefer a thread the next edge cannot use as its own.
+            .max_by_key(|t| next.as_ref().is_some_and(|n| n.len() > 1 || !n.contains(t)))
+            .unwrap_or(e.tid);
+        if let Some(name) = e.threads.get(&pick) {
+            e.thread = name.clone();
+            e.tid = pick;
+        }
+        prev = Some(e.tid);
     }
 }
 
@@ -310,6 +351,21 @@ mod tests {
         h.observe(&obs(9, vec![acq("b", 20, 30), acq("a", 10, 31)], false));
         h.observe(&obs(9, vec![acq("a", 10, 32), acq("b", 20, 33)], false));
         assert!(h.cycles().is_empty());
+    }
+
+    #[test]
+    fn an_edge_seen_by_several_threads_can_pair_with_any_of_them() {
+        let mut g = LockGraph::new(1000);
+        // Thread 1 takes a->b and b->a itself (no deadlock on its own)...
+        g.observe(&obs(1, vec![acq("a", 10, 5), acq("b", 20, 6)], false));
+        g.observe(&obs(1, vec![acq("b", 20, 15), acq("a", 10, 16)], false));
+        assert!(g.cycles().is_empty());
+        // ...then thread 2 takes b->a too: it can deadlock with thread 1.
+        g.observe(&obs(2, vec![acq("b", 20, 15), acq("a", 10, 16)], false));
+        let c = g.cycles();
+        assert_eq!(c.len(), 1);
+        let tids: HashSet<u32> = c[0].edges.iter().map(|e| e.tid).collect();
+        assert_eq!(tids, HashSet::from([1, 2]), "{:?}", c[0]);
     }
 
     #[test]

@@ -191,6 +191,13 @@ impl Watch for OrderWatch {
         for o in &obs {
             self.graph.observe(o);
         }
+        tracing::debug!(
+            pid = cx.target.id.pid,
+            sample = self.samples,
+            nested = obs.len(),
+            edges = self.graph.edge_count(),
+            "lock order sample"
+        );
         // A cycle that is deadlocked right now is the `deadlock` detector's
         // finding, not a deadlock that may happen.
         let live: Vec<String> = crate::deadlock::analyze(&snap)
