@@ -9,6 +9,7 @@ delay = float(sys.argv[1]) if len(sys.argv) > 1 else 2.0
 accounts_lock = threading.Lock()
 audit_lock = threading.Lock()
 go = threading.Barrier(3)
+passed = []  # when each worker left the barrier (stamped by itself)
 
 
 def settle():
@@ -17,6 +18,7 @@ def settle():
             with audit_lock:
                 time.sleep(0.001)
     go.wait()
+    passed.append(time.time())
     with accounts_lock:  # HOLD settle
         time.sleep(0.05)
         with audit_lock:  # WAIT settle
@@ -25,6 +27,7 @@ def settle():
 
 def audit():
     go.wait()
+    passed.append(time.time())
     with audit_lock:  # HOLD audit
         time.sleep(0.05)
         with accounts_lock:  # WAIT audit
@@ -40,6 +43,10 @@ for t in threads:
 print("READY", flush=True)
 time.sleep(delay)
 go.wait()
-print(f"ONSET {time.time() + 0.05:.3f}", flush=True)
+while len(passed) < 2:
+    time.sleep(0.001)
+# The second lock of each worker is requested 50 ms after it left the
+# barrier (stamped by the workers: this thread may run late on a busy CPU).
+print(f"ONSET {max(passed) + 0.05:.3f}", flush=True)
 for t in threads:
     t.join()
