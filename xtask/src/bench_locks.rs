@@ -85,7 +85,7 @@ fn run_once(
     let secs: f64 = f[2].parse()?;
     let mut cpu = 0.0;
     let mut samples = 0;
-    if let Some(mut o) = observer {
+    if let Some(o) = observer {
         // The target exited: diagnose reports and ends.
         let out = o.wait_with_output().context("wait for pymedic diagnose")?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
