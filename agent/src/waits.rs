@@ -371,7 +371,7 @@ impl Sensor {
     }
 
     fn add(&mut self, p: &PythonProcess) -> Result<u64, WaitsError> {
-        let known = self.procs.get(&p.pid).is_some();
+        let known = self.procs.contains_key(&p.pid);
         if !known {
             self.stacks.retain(|k, _| k.0 != p.pid);
             pystack::register(&mut self.bpf, p)?;

@@ -123,13 +123,16 @@ fn check_error(op: &'static str, e: DumpError) -> DetectError {
     }
 }
 
+/// A standing verdict: its findings and the (tid, futex) waits it rests on.
+type Verdict = (Vec<Finding>, Vec<(u32, u64)>);
+
 struct DeadlockWatch {
     dumper: Dumper,
     sensor: Option<Subscription>,
     trigger: Duration,
     last_scan: Option<Instant>,
     /// The standing verdict and the (tid, futex) waits it rests on.
-    verdict: Option<(Vec<Finding>, Vec<(u32, u64)>)>,
+    verdict: Option<Verdict>,
     /// Waits an analysis already found no deadlock among: sensor waits by
     /// (tid, start), `/proc` waits by (tid, futex). A new wait re-triggers.
     quiet: HashSet<(u32, u64)>,
