@@ -125,7 +125,7 @@ fn add(map: &HashMap<WaitKey, WaitAgg>, key: &WaitKey, ns: u64) {
             total_ns: ns,
             max_ns: ns,
         };
-        match map.insert(key, &value, BPF_NOEXIST as u64) {
+        match map.insert(key, value, BPF_NOEXIST as u64) {
             Ok(()) => return,
             Err(-17) => continue,
             Err(_) => break,
@@ -175,17 +175,17 @@ pub fn waits_futex_enter(ctx: TracePointContext) -> u32 {
             tgid,
             flags: if utime != 0 { WAIT_TIMED } else { 0 },
         };
-        if WAITS_INFLIGHT.insert(tid, &wait, 0).is_err() {
+        if WAITS_INFLIGHT.insert(tid, wait, 0).is_err() {
             count(&WAITS_ERRORS, ErrorCode::MapFull);
         }
         // The address has had waiters since the first one arrived.
-        let _ = WAITS_CONTENDED.insert(&addr, &t, BPF_NOEXIST as u64);
+        let _ = WAITS_CONTENDED.insert(addr, t, BPF_NOEXIST as u64);
     } else if cmd == FUTEX_WAKE || cmd == FUTEX_WAKE_BITSET {
         // SAFETY: plain-data value, copied out.
-        let Some(since) = (unsafe { WAITS_CONTENDED.get(&addr) }).copied() else {
+        let Some(since) = (unsafe { WAITS_CONTENDED.get(addr) }).copied() else {
             return 0; // nobody we saw waits there: not worth a stack
         };
-        let _ = WAITS_CONTENDED.remove(&addr);
+        let _ = WAITS_CONTENDED.remove(addr);
         let key = WaitKey {
             uaddr,
             stack_id: stack(tgid, tid),
@@ -252,7 +252,7 @@ pub fn waits_loop_enter(_ctx: TracePointContext) -> u32 {
         in_wait: 1,
         ..StepState::default()
     };
-    if WAITS_STEPS.insert(tid, &s, 0).is_err() {
+    if WAITS_STEPS.insert(tid, s, 0).is_err() {
         count(&WAITS_ERRORS, ErrorCode::MapFull);
     }
     0
@@ -368,8 +368,8 @@ pub fn waits_sem_init(ctx: ProbeContext) -> u32 {
         _pad: 0,
     };
     // SAFETY: a live map value, read and written by value.
-    let next = unsafe { WAITS_SEM_GEN.get(&key) }.map_or(1, |g| g.wrapping_add(1));
-    let _ = WAITS_SEM_GEN.insert(&key, &next, 0);
+    let next = unsafe { WAITS_SEM_GEN.get(key) }.map_or(1, |g| g.wrapping_add(1));
+    let _ = WAITS_SEM_GEN.insert(key, next, 0);
     0
 }
 
