@@ -16,3 +16,4 @@ pub mod procinfo;
 pub mod profile;
 pub mod pystack;
 pub mod resource;
+pub mod waits;

@@ -293,7 +293,13 @@ async fn findings_flow_list_get_and_watch_resumes_without_gaps() {
         .unwrap()
         .into_inner();
     assert_eq!(targets.targets.len(), 1);
-    assert_eq!(targets.targets[0].state, "watching");
+    // The target is this test process: on a loaded machine its own CPU use
+    // can pass the busy threshold, and a busy target backs off.
+    assert!(
+        ["watching", "backing_off"].contains(&targets.targets[0].state.as_str()),
+        "{}",
+        targets.targets[0].state
+    );
     let status = c
         .get_agent_status(pb::GetAgentStatusRequest {})
         .await

@@ -56,6 +56,9 @@ enum Which {
     /// detectors vs `memray attach`; a 10k opens/s program: no tool vs
     /// `fd_leak` (see bench_leak.rs).
     Leak,
+    /// A lock-heavy 4-thread program (~1M acquire/release pairs/s) without
+    /// and with pymedic's lock detectors (see bench_locks.rs).
+    Locks,
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -77,6 +80,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 .python
                 .clone()
                 .unwrap_or_else(crate::bench_leak::default_python),
+        ),
+        Which::Locks => crate::bench_locks::run(
+            args.rounds,
+            10,
+            &args.python.clone().unwrap_or_else(default_python),
         ),
         Which::Agent => crate::bench_agent::run(
             args.seconds,

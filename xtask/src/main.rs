@@ -11,6 +11,7 @@ mod bench;
 mod bench_agent;
 mod bench_analyze;
 mod bench_leak;
+mod bench_locks;
 mod bench_record;
 mod cmd;
 mod codegen;

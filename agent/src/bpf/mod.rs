@@ -22,6 +22,9 @@ pub mod objects {
     /// Descriptors, threads, memory growth, GC pauses and container inserts
     /// of Python processes, with the shared Python stack walker.
     pub static RESOURCE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/resource"));
+    /// Futex waits and wakes with Python stacks, event-loop steps (the
+    /// temporal detectors' shared sensor).
+    pub static WAITS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/waits"));
 }
 
 /// Errors of the eBPF subsystem.

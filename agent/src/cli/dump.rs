@@ -64,6 +64,7 @@ pub fn run(args: DumpArgs) -> anyhow::Result<ExitCode> {
         locals: args.locals,
         blocking: args.blocking,
         no_verdicts: args.no_verdicts,
+        holds: false,
     };
     if (args.blocking || args.native) && !args.json {
         eprintln!(

@@ -131,7 +131,9 @@ impl<M: ProcessMemory> Locks<'_, M> {
             let Some(src) = sources.get(pid, &code.filename) else {
                 continue;
             };
-            for site in src.held_at(frame.line).iter() {
+            // `held_at` is outermost first; `out` is built innermost first
+            // (then reversed), so a frame's own regions go in reversed.
+            for site in src.held_at(frame.line).iter().rev() {
                 let Some(obj) = eval(self.interp, frame, &site.expr) else {
                     continue;
                 };

@@ -49,6 +49,9 @@ pub struct DumpOptions {
     /// Skip lock identification and holder inference (what the deadlock
     /// verdict needs): only for measuring what the verdict costs.
     pub no_verdicts: bool,
+    /// Infer every thread's held locks even when no thread waits for a
+    /// lock (the lock-order sampler needs them).
+    pub holds: bool,
 }
 
 /// Why a dump failed.
@@ -268,11 +271,25 @@ impl Dumper {
         let lock_waits = dumps
             .iter()
             .any(|d| d.waiting.as_ref().is_some_and(|w| w.kind == WaitKind::Lock));
-        if lock_waits && !opts.no_verdicts {
+        if (lock_waits || opts.holds) && !opts.no_verdicts {
             for ((t, frames), d) in threads.iter().zip(&stacks).zip(dumps.iter_mut()) {
-                d.holds = classifier
+                let held = classifier
                     .locks
                     .held_by(pid, &mut self.sources, frames, t.thread_id);
+                // The stack was read before its locals were: a thread that
+                // has since left those frames may have handed the frame
+                // objects to another thread (3.8–3.10 recycle them per code
+                // object), whose locks would be taken for its own. Keep
+                // the holds only when the same frames are still there.
+                let still = held.is_empty()
+                    || interp.frames(t).is_ok_and(|now| {
+                        now.len() == frames.len()
+                            && now
+                                .iter()
+                                .zip(frames)
+                                .all(|(a, b)| a.addr == b.addr && a.code.addr == b.code.addr)
+                    });
+                d.holds = if still { held } else { Vec::new() };
             }
         }
         Ok(Snapshot {
@@ -333,7 +350,7 @@ impl Dumper {
 
 /// The GIL's condition variable and mutex (threads waiting for the GIL
 /// sleep on a futex inside them).
-fn gil_range(interp: &Interpreter<LiveMemory>, main_interp: u64) -> Option<(u64, u64)> {
+pub fn gil_range(interp: &Interpreter<LiveMemory>, main_interp: u64) -> Option<(u64, u64)> {
     let l = interp.layout();
     let gil = match (l.runtime.gil, l.interp.ceval_gil) {
         (Some(off), _) => interp.runtime_addr() + u64::from(off),

@@ -11,3 +11,4 @@ pub mod errors;
 pub mod profile;
 pub mod pystack;
 pub mod resource;
+pub mod waits;

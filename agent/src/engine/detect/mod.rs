@@ -14,14 +14,22 @@
 //! `[detectors.NAME]` in the config (`enabled` and `interval` are handled
 //! here; everything else is the detector's, read through [`Settings`]).
 
+pub mod blocked_event_loop;
 pub mod cpu_hotspot;
 pub mod deadlock;
+pub mod explain;
 pub mod fd_leak;
 pub mod gc_pause;
+pub mod gil_contention;
+pub mod hang;
+pub mod lock_contention;
+pub mod lock_graph;
+pub mod lock_order_inversion;
 pub mod memory_leak;
 pub mod native_memory_leak;
 pub mod registry;
 pub mod scheduler;
+pub mod sites;
 pub mod thread_leak;
 
 use std::sync::Arc;
@@ -178,4 +186,9 @@ pub const BUILTIN: &[(&str, Constructor)] = &[
     ("fd_leak", fd_leak::new),
     ("thread_leak", thread_leak::new),
     ("gc_pause", gc_pause::new),
+    ("lock_order_inversion", lock_order_inversion::new),
+    ("lock_contention", lock_contention::new),
+    ("gil_contention", gil_contention::new),
+    ("blocked_event_loop", blocked_event_loop::new),
+    ("hang", hang::new),
 ];

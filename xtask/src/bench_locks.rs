@@ -1,0 +1,158 @@
+//! `cargo xtask bench locks`: the cost of pymedic's lock observation to a
+//! lock-heavy program. `tests/scripts/bench/locks.py` (4 threads, about a
+//! million acquire/release pairs per second in total, plain, nested and
+//! re-entrant locks) runs for a fixed time with nothing watching it, then
+//! under `pymedic diagnose` with the lock detectors on (`deadlock`,
+//! `lock_order_inversion`, `lock_contention`: the waits eBPF sensor on
+//! every futex, plus the lock-order sampler reading the threads), in
+//! interleaved rounds. Prints the throughput ratio (goal ≤ 1.05×) and what
+//! pymedic cost itself (CPU seconds, samples).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::cmd::{self, workspace_root};
+
+const CONFIG: &str = r#"
+[detectors.cpu_hotspot]
+enabled = false
+[detectors.gil_contention]
+enabled = false
+[detectors.blocked_event_loop]
+enabled = false
+[detectors.hang]
+enabled = false
+"#;
+
+/// One timed run: pairs per second, and pymedic's CPU seconds when watched.
+fn run_once(
+    py: &Path,
+    pymedic: Option<&Path>,
+    config: &Path,
+    seconds: u64,
+) -> anyhow::Result<(f64, f64, u64)> {
+    let script = workspace_root().join("tests/scripts/bench/locks.py");
+    let mut child = Command::new(py)
+        .arg("-u")
+        .arg(&script)
+        .arg(seconds.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("start {}", py.display()))?;
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    match lines.next() {
+        Some(Ok(l)) if l.starts_with("READY") => {}
+        other => bail!("locks.py did not start: {other:?}"),
+    }
+    let mut observer: Option<Child> = None;
+    if let Some(bin) = pymedic {
+        let o = Command::new(bin)
+            .args([
+                "diagnose",
+                "--pid",
+                &child.id().to_string(),
+                "--duration",
+                &format!("{}s", seconds + 30),
+                "--json",
+                "--config",
+            ])
+            .arg(config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("start pymedic diagnose")?;
+        observer = Some(o);
+        // Let it load its eBPF object and start every watch.
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(b"go\n")
+        .context("start the timed part")?;
+    let line = lines
+        .find_map(|l| l.ok().filter(|l| l.starts_with("PAIRS")))
+        .context("locks.py printed no PAIRS line")?;
+    let _ = child.wait();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let pairs: f64 = f[1].parse()?;
+    let secs: f64 = f[2].parse()?;
+    let mut cpu = 0.0;
+    let mut samples = 0;
+    if let Some(o) = observer {
+        // The target exited: diagnose reports and ends.
+        let out = o.wait_with_output().context("wait for pymedic diagnose")?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if let Some(found) = v["findings"].as_array() {
+            for f in found {
+                samples = samples.max(f["evidence"]["samples"].as_u64().unwrap_or(0));
+            }
+        }
+        cpu = children_cpu();
+    }
+    Ok((pairs / secs, cpu, samples))
+}
+
+/// CPU seconds (user + system) of reaped children so far.
+fn children_cpu() -> f64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct we own.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, ru.as_mut_ptr()) };
+    // SAFETY: initialised by getrusage (zeroed on failure).
+    let ru = unsafe { ru.assume_init() };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub fn run(rounds: usize, seconds: u64, py: &Path) -> anyhow::Result<()> {
+    println!("bench locks: building pymedic (release)");
+    cmd::run(cmd::cargo().args(["build", "--release", "--quiet", "-p", "pymedic"]))?;
+    let bin: PathBuf = workspace_root().join("target/release/pymedic");
+    let dir = std::env::temp_dir().join(format!("pymedic-bench-locks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("config.toml");
+    std::fs::write(&config, CONFIG)?;
+    println!(
+        "bench locks: {} ({} rounds of {seconds} s, baseline and watched interleaved)",
+        py.display(),
+        rounds.max(1)
+    );
+    let mut base = Vec::new();
+    let mut watched = Vec::new();
+    let mut samples = 0;
+    for round in 0..rounds.max(1) {
+        let (b, _, _) = run_once(py, None, &config, seconds)?;
+        let cpu_before = children_cpu();
+        let (w, cpu_after, s) = run_once(py, Some(&bin), &config, seconds)?;
+        samples = samples.max(s);
+        println!(
+            "  round {}: baseline {:.0} pairs/s, watched {:.0} pairs/s (ratio {:.3}); pymedic + target CPU {:.1} s",
+            round + 1,
+            b,
+            w,
+            b / w,
+            cpu_after - cpu_before
+        );
+        base.push(b);
+        watched.push(w);
+    }
+    let (b, w) = (median(base), median(watched));
+    println!("bench locks: baseline {b:.0} pairs/s, with lock observation {w:.0} pairs/s");
+    println!(
+        "bench locks: slowdown ratio {:.3}x (goal <= 1.05x); lock-order samples in the last run: {samples}",
+        b / w
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
