@@ -258,8 +258,6 @@ impl Watch for DeadlockWatch {
         let mut rests_on = Vec::new();
         for d in &confirmed {
             let mut f = deadlock::to_finding(d, &target);
-            let extra = super::explain::related(&f, pid);
-            f.related.extend(extra.iter().cloned());
             let ages: Vec<Duration> = d
                 .threads
                 .iter()
