@@ -14,6 +14,9 @@ use pymedic_integration::{PyProc, json_stdout, pymedic_bin, pythons, require_roo
 
 const ENV: &[(&str, &str)] = &[
     ("PYMEDIC_DETECTORS_DEADLOCK_INTERVAL", "100ms"),
+    // A verdict once two threads have waited 200 ms (default 1 s), well
+    // within each storm child's 2 s life.
+    ("PYMEDIC_DETECTORS_DEADLOCK_TRIGGER", "200ms"),
     ("PYMEDIC_DETECT_CPU_BUDGET", "0.5"),
 ];
 
@@ -43,7 +46,7 @@ fn agent_sigkill_keeps_received_findings_and_watch_resumes_without_gap() {
     let port = free_port();
     let mut agent = AgentProc::start_env(&data, port, &[], ENV);
     let python = &pythons()[0];
-    let storm = PyProc::start(python, "deadlock_storm.py", &["12", "1.0"]);
+    let storm = PyProc::start(python, "deadlock_storm.py", &["12", "2.0"]);
 
     let mut watcher = Command::new(pymedic_bin())
         .args([
