@@ -77,6 +77,19 @@ fn py_spy() -> PathBuf {
 const SPLIT: [(&str, f64); 3] = [("burn_a", 60.0), ("burn_b", 30.0), ("burn_c", 10.0)];
 
 fn check_cpu_split(py: &Python) {
+    // py-spy is a sampler too (and a non-blocking one reads torn stacks):
+    // one disagreement may be its noise, two in a row are not.
+    if let Err(first) = cpu_split_once(py) {
+        eprintln!("{first}; recording both again");
+        if let Err(second) = cpu_split_once(py) {
+            panic!("{first}\nagain: {second}");
+        }
+    }
+}
+
+/// Records the split with pymedic and py-spy at once; panics when pymedic is
+/// off the truth, returns an error when it disagrees with py-spy.
+fn cpu_split_once(py: &Python) -> Result<(), String> {
     let target = PyProc::start(py, "profile/cpu_split.py", &["3"]);
     let ours = tmp(&format!("split-{}.txt", py.label));
     let theirs = tmp(&format!("split-{}.pyspy.txt", py.label));
@@ -122,15 +135,15 @@ fn check_cpu_split(py: &Python) {
     }
     let theirs = shares(&parse_collapsed(&theirs), &funcs);
     for (f, _) in SPLIT {
-        assert!(
-            (ours[f] - theirs[f]).abs() <= 5.0,
-            "{}: {f} pymedic {:.1}% vs py-spy {:.1}% (pymedic {ours:?}, py-spy {theirs:?})",
-            py.label,
-            ours[f],
-            theirs[f]
-        );
+        if (ours[f] - theirs[f]).abs() > 5.0 {
+            return Err(format!(
+                "{}: {f} pymedic {:.1}% vs py-spy {:.1}% (pymedic {ours:?}, py-spy {theirs:?})",
+                py.label, ours[f], theirs[f]
+            ));
+        }
     }
     eprintln!("{}: pymedic {ours:?} py-spy {theirs:?}", py.label);
+    Ok(())
 }
 
 #[test]
