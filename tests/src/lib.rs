@@ -192,7 +192,7 @@ impl PyProc {
             python: python.clone(),
             ready: String::new(),
         };
-        p.ready = p.wait_for_line("READY", Duration::from_secs(20));
+        p.ready = p.wait_for_line("READY", Duration::from_secs(60));
         p
     }
 
