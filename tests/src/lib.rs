@@ -159,6 +159,8 @@ pub struct PyProc {
     child: Child,
     lines: mpsc::Receiver<String>,
     pub python: Python,
+    /// The script it runs (as given to [`PyProc::start`]).
+    pub script: String,
     /// The `READY...` line the script printed (scripts may report values
     /// on it).
     pub ready: String,
@@ -190,6 +192,7 @@ impl PyProc {
             child,
             lines: rx,
             python: python.clone(),
+            script: script_name.to_owned(),
             ready: String::new(),
         };
         p.ready = p.wait_for_line("READY", Duration::from_secs(60));
@@ -211,8 +214,11 @@ impl PyProc {
                 Err(_) => {
                     let status = self.child.try_wait().ok().flatten();
                     panic!(
-                        "{} did not print {prefix:?} within {timeout:?} (exit status: {status:?})",
-                        self.python.label
+                        "{} {} (pid {}) did not print {prefix:?} within {timeout:?} (exit status: {status:?})\n{}",
+                        self.python.label,
+                        self.script,
+                        self.child.id(),
+                        kernel_view(self.child.id())
                     );
                 }
             }
@@ -224,6 +230,40 @@ impl PyProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What the kernel says each thread of `pid` is doing (state, wait
+/// channel, kernel stack): printed when a program does not answer.
+fn kernel_view(pid: u32) -> String {
+    let mut out = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("/proc/{pid} is gone");
+    };
+    for t in tasks.flatten() {
+        let dir = t.path();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let state = read("stat");
+        let state = state
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next()
+            .unwrap_or("?")
+            .to_owned();
+        out.push_str(&format!(
+            "  tid {} state {state} wchan {} comm {}{}\n",
+            t.file_name().to_string_lossy(),
+            read("wchan"),
+            read("comm").trim_end(),
+            read("stack")
+                .lines()
+                .take(8)
+                .map(|l| format!("\n      {l}"))
+                .collect::<String>()
+        ));
+    }
+    out
 }
 
 impl Drop for PyProc {
