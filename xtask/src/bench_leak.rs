@@ -4,7 +4,8 @@
 //! * An allocation-heavy program (`tests/scripts/resource/bench_alloc.py`:
 //!   small objects, JSON churn) does the same fixed work with nothing
 //!   attached, under `pymedic diagnose` with every resource detector on
-//!   (memory_leak, native_memory_leak, gc_pause, fd_leak, thread_leak),
+//!   (memory_leak, native_memory_leak, gc_pause, fd_leak, thread_leak;
+//!   every other detector off, as listed in the agent's `BUILTIN` table),
 //!   and under `memray attach` (PyPI, from target/venv; injects with gdb).
 //! * A program opening and closing files at a paced 10,000 opens/s
 //!   (`bench_fds.py`) with nothing attached and under `fd_leak` alone.
@@ -28,20 +29,42 @@ use anyhow::{Context, bail};
 use crate::cmd::{self, workspace_root};
 use crate::setup;
 
+/// The agent's built-in detector names, read from its `BUILTIN` table
+/// (detectors are on unless a config turns them off, so a benchmark must
+/// name every one to measure only its own).
+fn detector_names(root: &Path) -> anyhow::Result<Vec<String>> {
+    let path = root.join("agent/src/engine/detect/mod.rs");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let names: Vec<String> = text
+        .split("pub const BUILTIN")
+        .nth(1)
+        .and_then(|t| t.split("];").next())
+        .into_iter()
+        .flat_map(|t| t.lines())
+        .filter_map(|l| l.trim().strip_prefix("(\"")?.split('"').next())
+        .map(str::to_owned)
+        .collect();
+    if names.is_empty() {
+        bail!(
+            "found no detector in the BUILTIN table of {}",
+            path.display()
+        );
+    }
+    Ok(names)
+}
+
 /// Every detector off but `on`.
-fn config(dir: &Path, name: &str, on: &[&str]) -> anyhow::Result<PathBuf> {
-    let all = [
-        "cpu_hotspot",
-        "deadlock",
-        "memory_leak",
-        "native_memory_leak",
-        "gc_pause",
-        "fd_leak",
-        "thread_leak",
-    ];
+fn config(dir: &Path, all: &[String], name: &str, on: &[&str]) -> anyhow::Result<PathBuf> {
     let mut text = String::new();
+    for d in on {
+        if !all.iter().any(|a| a == d) {
+            bail!("no detector named {d} in the agent's BUILTIN table");
+        }
+    }
     for d in all {
-        text.push_str(&format!("[detectors.{d}]\nenabled = {}\n", on.contains(&d)));
+        let enabled = on.contains(&d.as_str());
+        text.push_str(&format!("[detectors.{d}]\nenabled = {enabled}\n"));
     }
     let p = dir.join(format!("{name}.toml"));
     std::fs::write(&p, text).with_context(|| format!("write {}", p.display()))?;
@@ -288,8 +311,10 @@ pub fn run(rounds: usize, python: &Path) -> anyhow::Result<()> {
     let dir = root.join("target/tmp/bench-leak");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let all = detector_names(&root)?;
     let resource = config(
         &dir,
+        &all,
         "resource",
         &[
             "memory_leak",
@@ -299,7 +324,7 @@ pub fn run(rounds: usize, python: &Path) -> anyhow::Result<()> {
             "thread_leak",
         ],
     )?;
-    let fds = config(&dir, "fds", &["fd_leak"])?;
+    let fds = config(&dir, &all, "fds", &["fd_leak"])?;
     let rounds = rounds.max(1);
     println!("bench leak: target interpreter {}", python.display());
     let run = Run {

@@ -23,7 +23,10 @@
 
 /// `HashMap<u32 tgid, ResProc>`: processes tracked and what for.
 pub const PROCS_MAP: &str = "RES_PROCS";
-/// `HashMap<FdKey, u64 stack id>`: live descriptors and their open site.
+/// `HashMap<FdKey, u64 stack id>`: descriptors and their open site; a
+/// closed descriptor keeps its entry, as [`FD_CLOSED`], until its number
+/// is reused (updating in place costs the traced call far less than a
+/// delete and an insert).
 pub const FDS_MAP: &str = "RES_FDS";
 /// `HashMap<u32 tid, ThreadEntry>`: live threads and their creation site.
 pub const THREADS_MAP: &str = "RES_THREADS";
@@ -103,6 +106,9 @@ pub const GROWTH_FAULT: u32 = 1;
 pub const STACK_UNSAMPLED: u64 = u64::MAX - 2;
 /// Stack id of an event whose capture failed (counted in errors too).
 pub const STACK_FAILED: u64 = u64::MAX - 3;
+
+/// [`FDS_MAP`] value of a descriptor number that is closed.
+pub const FD_CLOSED: u64 = u64::MAX - 4;
 
 /// Most recent descriptors (or tids) remembered per site.
 pub const RECENT: usize = 4;

@@ -12,7 +12,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xchg};
 
 use aya_ebpf::{
     Global,
@@ -26,13 +26,13 @@ use pymedic_common::{
     errors::ErrorCode,
     pystack::{EMPTY_STACK_ID, STACK_TRUNCATED},
     resource::{
-        ARENAS_MAX, ArenaKey, CLOSE_RANGE_MAX, F_DUPFD, F_DUPFD_CLOEXEC, FDS_MAX, FEAT_FD, FEAT_GC,
-        FEAT_GC_PRE, FEAT_MEMORY, FEAT_THREAD, FEAT_WATCH, FdKey, GC_EVENTS_BYTES, GC_GENERATIONS,
-        GROWTH_FAULT, GROWTH_MAX, GcPause, GcState, GrowthKey, GrowthValue, MAP_ANONYMOUS,
-        MAP_PRIVATE, PAGES_MAX, PENDING_FCNTL, PENDING_MAX, PENDING_MMAP, PENDING_PIPE,
-        PENDING_SOCKETPAIR, PRE_FRAMES, PROCS_MAX, PageKey, Pending, PreSample, ProcStats, RECENT,
-        ResProc, SITE_FD, SITE_THREAD, SITES_MAX, STACK_FAILED, STACK_UNSAMPLED, SiteKey,
-        SiteValue, Stat, THREADS_MAX, ThreadEntry, WATCH_MAX, WatchKey,
+        ARENAS_MAX, ArenaKey, CLOSE_RANGE_MAX, F_DUPFD, F_DUPFD_CLOEXEC, FD_CLOSED, FDS_MAX,
+        FEAT_FD, FEAT_GC, FEAT_GC_PRE, FEAT_MEMORY, FEAT_THREAD, FEAT_WATCH, FdKey,
+        GC_EVENTS_BYTES, GC_GENERATIONS, GROWTH_FAULT, GROWTH_MAX, GcPause, GcState, GrowthKey,
+        GrowthValue, MAP_ANONYMOUS, MAP_PRIVATE, PAGES_MAX, PENDING_FCNTL, PENDING_MAX,
+        PENDING_MMAP, PENDING_PIPE, PENDING_SOCKETPAIR, PRE_FRAMES, PROCS_MAX, PageKey, Pending,
+        PreSample, ProcStats, RECENT, ResProc, SITE_FD, SITE_THREAD, SITES_MAX, STACK_FAILED,
+        STACK_UNSAMPLED, SiteKey, SiteValue, Stat, THREADS_MAX, ThreadEntry, WATCH_MAX, WatchKey,
     },
 };
 use pymedic_ebpf::{
@@ -239,32 +239,47 @@ fn site_close(pid: u32, stack_id: u64, kind: u32) {
 // ---- descriptors ----
 
 /// Descriptor `fd` was just created by the current thread.
+///
+/// Its entry in `RES_FDS` is rewritten in place when the number was used
+/// before (the common case: numbers are reused lowest first), so a
+/// steady open/close cycle never allocates or frees map elements.
 #[inline(always)]
 fn new_fd(tgid: u32, tid: u32, fd: u32) {
     let key = FdKey { pid: tgid, fd };
-    // A descriptor we still count as open was closed behind our back
-    // (dup2 onto it, or a close we missed): release it first.
-    // SAFETY: plain-data value, copied.
-    if let Some(&old) = unsafe { RES_FDS.get(key) } {
-        site_close(tgid, old, SITE_FD);
-    }
     let stack_id = capture(tgid, tid);
-    if RES_FDS.insert(key, stack_id, 0).is_err() {
-        lost(ErrorCode::MapFull);
-        return;
-    }
     stat(Stat::FdOpens);
+    match RES_FDS.get_ptr_mut(key) {
+        Some(slot) => {
+            // SAFETY: `slot` points at a live map value; the swap is atomic
+            // so a concurrent close of the old descriptor is not counted twice.
+            let old = unsafe { atomic_xchg::<u64, { AtomicOrdering::Relaxed }>(slot, stack_id) };
+            // A descriptor we still count as open was closed behind our
+            // back (dup2 onto it, or a close we missed): release it first.
+            if old != FD_CLOSED {
+                site_close(tgid, old, SITE_FD);
+            }
+        }
+        None => {
+            if RES_FDS.insert(key, stack_id, 0).is_err() {
+                lost(ErrorCode::MapFull);
+                return;
+            }
+        }
+    }
     site_open(tgid, stack_id, SITE_FD, fd);
 }
 
 #[inline(always)]
 fn closed_fd(tgid: u32, fd: u32) {
     let key = FdKey { pid: tgid, fd };
-    // SAFETY: plain-data value, copied before the remove.
-    let Some(&stack_id) = (unsafe { RES_FDS.get(key) }) else {
+    let Some(slot) = RES_FDS.get_ptr_mut(key) else {
         return;
     };
-    let _ = RES_FDS.remove(key);
+    // SAFETY: `slot` points at a live map value; atomic, as in `new_fd`.
+    let stack_id = unsafe { atomic_xchg::<u64, { AtomicOrdering::Relaxed }>(slot, FD_CLOSED) };
+    if stack_id == FD_CLOSED {
+        return;
+    }
     stat(Stat::FdCloses);
     site_close(tgid, stack_id, SITE_FD);
 }
