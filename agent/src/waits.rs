@@ -33,7 +33,7 @@ use pymedic_common::waits::{
 use pymedic_model::Location;
 use pymedic_python::{Interpreter, LiveMemory, PythonProcess};
 
-use crate::bpf::{self, BpfError, objects, tracefs};
+use crate::bpf::{self, BpfError, map_err, monotonic_ns, objects, tracefs};
 use crate::pystack;
 
 mod sem_gen;
@@ -292,23 +292,6 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         lock(&self.sensor).remove(self.id, self.pid);
-    }
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> BpfError {
-    move |source| BpfError::Map {
-        map,
-        source: Box::new(source),
     }
 }
 
