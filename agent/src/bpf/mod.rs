@@ -80,6 +80,26 @@ impl BpfError {
     }
 }
 
+/// `CLOCK_MONOTONIC` now, in ns: the clock of `bpf_ktime_get_ns()`, so
+/// userspace can age what the kernel timestamped.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Adapts an aya map error on `map` to [`BpfError::Map`].
+pub fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> BpfError {
+    move |source| BpfError::Map {
+        map,
+        source: Box::new(source),
+    }
+}
+
 /// True when `e` (or a cause) is the kernel refusing for lack of privilege.
 pub fn is_permission_error(e: &(dyn std::error::Error + 'static)) -> bool {
     is_eperm(e)

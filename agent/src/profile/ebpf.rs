@@ -25,7 +25,7 @@ use pymedic_python::PythonProcess;
 
 use super::model::{Frame, ProcessInfo, Profile, Sample, SampleKind, ValueKind};
 use super::{ProfileConfig, ProfileError, Progress, Sampler};
-use crate::bpf::{self, BpfError, objects, tracefs};
+use crate::bpf::{self, BpfError, map_err, monotonic_ns, objects, tracefs};
 use crate::pystack::{self, Symbolizer};
 
 const OBJECT: &str = "profile";
@@ -54,23 +54,6 @@ pub struct EbpfSampler {
     /// Stacks of each target's threads when it was registered (read from
     /// userspace), for time charged to `STACK_BEFORE_START`.
     start_stacks: HashMap<(u32, u32), Vec<Frame>>,
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> BpfError {
-    move |source| BpfError::Map {
-        map,
-        source: Box::new(source),
-    }
 }
 
 impl EbpfSampler {
