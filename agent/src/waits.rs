@@ -26,9 +26,9 @@ use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, S
 use pymedic_common::pystack::{EMPTY_STACK_ID, PY_STACKS_MAP, PyStack};
 use pymedic_common::waits::{
     AddrKey, CONTENDED_MAP, ERRORS_MAP, GLOBAL_FUTEX_OP_OFF, GLOBAL_FUTEX_UADDR_OFF,
-    GLOBAL_FUTEX_UTIME_OFF, GLOBAL_STEP_THRESHOLD_NS, GLOBAL_SWITCH_NEXT_PID_OFF,
-    GLOBAL_SWITCH_PREV_STATE_OFF, INFLIGHT_MAP, InflightWait, STEPS_MAP, StepState, WAIT_AGG_MAP,
-    WAIT_TIMED, WAKE_AGG_MAP, WaitAgg, WaitKey,
+    GLOBAL_FUTEX_UTIME_OFF, GLOBAL_SAMPLE_MASK, GLOBAL_STACK_MIN_NS, GLOBAL_STEP_THRESHOLD_NS,
+    GLOBAL_SWITCH_NEXT_PID_OFF, GLOBAL_SWITCH_PREV_STATE_OFF, INFLIGHT_MAP, InflightWait,
+    STEPS_MAP, StepState, WAIT_AGG_MAP, WAIT_TIMED, WAKE_AGG_MAP, WaitAgg, WaitKey,
 };
 use pymedic_model::Location;
 use pymedic_python::{Interpreter, LiveMemory, PythonProcess};
@@ -47,6 +47,19 @@ pub const POLL_EVERY: Duration = Duration::from_millis(100);
 /// their own thresholds from the step state; this only decides which steps
 /// keep their stacks).
 pub const KERNEL_STEP_THRESHOLD: Duration = Duration::from_millis(50);
+
+/// A futex wait (or the wait a wake ends) this long always gets its Python
+/// stack in the kernel; shorter ones are sampled, 1 in [`SHORT_SAMPLE_ONE_IN`].
+/// Counts and times of every wait are exact per thread and address.
+pub const STACK_MIN: Duration = Duration::from_millis(1);
+/// Sampling of short waits' stacks (a power of two).
+pub const SHORT_SAMPLE_ONE_IN: u32 = 32;
+
+/// An untimed wait still in flight after this long gets its stack read from
+/// the process's memory (the thread is blocked, so its frames hold still).
+pub const READ_BLOCKED_AFTER: Duration = Duration::from_millis(50);
+/// At most this many such stacks are read per poll.
+const READS_PER_POLL: usize = 64;
 
 /// Rate of the per-CPU clock that samples long event-loop steps.
 const SAMPLE_HZ: u64 = 20;
@@ -83,6 +96,8 @@ pub struct WaitRecord {
     pub tid: u32,
     pub uaddr: u64,
     pub stack_id: u64,
+    /// Empty for the waits whose stack was not sampled (see [`STACK_MIN`]):
+    /// their counts and times still belong to `tid` and `uaddr`.
     pub stack: Frames,
     pub count: u64,
     pub total: Duration,
@@ -99,6 +114,8 @@ pub struct Blocked {
     pub age: Duration,
     /// `CLOCK_MONOTONIC` ns when it blocked (identifies this wait).
     pub start_ns: u64,
+    /// Its Python stack, once an untimed wait has lasted
+    /// [`READ_BLOCKED_AFTER`]; empty before, and for timed waits.
     pub stack: Frames,
 }
 
@@ -174,6 +191,9 @@ pub struct Sensor {
     subs: HashMap<u64, (u32, Pending)>,
     next_sub: u64,
     inflight: Vec<(u32, InflightWait)>,
+    /// Stacks of long untimed waits in flight, read from memory, by
+    /// `(tid, start_ns)`.
+    blocked_stacks: HashMap<(u32, u64), Frames>,
     steps: Vec<(u32, StepState)>,
     stacks: HashMap<(u32, u64), Frames>,
     max_stacks: u32,
@@ -316,6 +336,8 @@ impl Sensor {
         let utime_off = field("syscalls", "sys_enter_futex", "utime")?;
         let fsbase_off = pystack::kernel_fsbase_offset()?;
         let threshold = KERNEL_STEP_THRESHOLD.as_nanos() as u64;
+        let stack_min = STACK_MIN.as_nanos() as u64;
+        let sample_mask = SHORT_SAMPLE_ONE_IN - 1;
         let max_stacks = 4096u32;
         let mut bpf = bpf::load(OBJECT, objects::WAITS, |l| {
             pystack::configure_loader(l, &fsbase_off);
@@ -325,6 +347,8 @@ impl Sensor {
             l.override_global(GLOBAL_FUTEX_OP_OFF, &op_off, true);
             l.override_global(GLOBAL_FUTEX_UTIME_OFF, &utime_off, true);
             l.override_global(GLOBAL_STEP_THRESHOLD_NS, &threshold, true);
+            l.override_global(GLOBAL_STACK_MIN_NS, &stack_min, true);
+            l.override_global(GLOBAL_SAMPLE_MASK, &sample_mask, true);
             l.map_max_entries(PY_STACKS_MAP, max_stacks);
         })?;
         let tp = |bpf: &mut Ebpf, prog: &'static str, cat: &str, name: &str| {
@@ -362,6 +386,7 @@ impl Sensor {
             subs: HashMap::new(),
             next_sub: 1,
             inflight: Vec::new(),
+            blocked_stacks: HashMap::new(),
             steps: Vec::new(),
             stacks: HashMap::new(),
             max_stacks,
@@ -454,6 +479,18 @@ impl Sensor {
         for k in keys.iter().filter(|k| k.tgid == pid) {
             let _ = c.remove(k);
         }
+        // Waits in flight end unrecorded (the exit program looks no
+        // further than this map).
+        let mut inflight = hash_map::<u32, InflightWait>(&mut self.bpf, INFLIGHT_MAP)?;
+        let tids: Vec<u32> = inflight
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, w)| w.tgid == pid)
+            .map(|(tid, _)| tid)
+            .collect();
+        for tid in tids {
+            let _ = inflight.remove(&tid);
+        }
         Ok(())
     }
 
@@ -538,8 +575,74 @@ impl Sensor {
         for (pid, id) in ids {
             self.symbolize(pid, id)?;
         }
+        self.read_blocked_stacks();
         self.trim_stacks()?;
         Ok(())
+    }
+
+    /// Reads, from the process's memory, the Python stack of each untimed
+    /// wait in flight for [`READ_BLOCKED_AFTER`] (the kernel walks a wait's
+    /// stack only when it ends). Once per wait; forgotten when it ends.
+    fn read_blocked_stacks(&mut self) {
+        let live: std::collections::HashSet<(u32, u64)> = self
+            .inflight
+            .iter()
+            .map(|(tid, w)| (*tid, w.start_ns))
+            .collect();
+        self.blocked_stacks.retain(|k, _| live.contains(k));
+        let now_ns = monotonic_ns();
+        let after = READ_BLOCKED_AFTER.as_nanos() as u64;
+        let mut wanted: HashMap<u32, Vec<(u32, u64)>> = HashMap::new();
+        for (tid, w) in &self.inflight {
+            if w.stack_id == EMPTY_STACK_ID
+                && w.flags & WAIT_TIMED == 0
+                && now_ns.saturating_sub(w.start_ns) >= after
+                && !self.blocked_stacks.contains_key(&(*tid, w.start_ns))
+            {
+                wanted.entry(w.tgid).or_default().push((*tid, w.start_ns));
+            }
+        }
+        let mut budget = READS_PER_POLL;
+        for (pid, waits) in wanted {
+            let Some(interp) = self.procs.get(&pid).and_then(|p| p.interp.as_ref()) else {
+                continue;
+            };
+            let Ok(threads) = interp.threads() else {
+                continue;
+            };
+            let tids = crate::procinfo::thread_ids(pid).unwrap_or_default();
+            let native = interp.native_tids(&threads, &tids);
+            for (tid, start_ns) in waits {
+                if budget == 0 {
+                    return;
+                }
+                budget -= 1;
+                let Some(thread) = threads
+                    .iter()
+                    .find(|t| native.get(&t.thread_id) == Some(&tid))
+                else {
+                    // Not a Python thread (or not yet known): nothing to read.
+                    self.blocked_stacks
+                        .insert((tid, start_ns), Arc::new(Vec::new()));
+                    continue;
+                };
+                let frames = match interp.frames(thread) {
+                    Ok(frames) => frames
+                        .iter()
+                        .map(|f| StackFrame {
+                            loc: Location::new(f.code.filename.clone(), f.code.function(), f.line),
+                            flags: f.code.flags,
+                        })
+                        .collect(),
+                    Err(e) => {
+                        tracing::debug!(pid, tid, "reading a blocked thread's stack: {e}");
+                        continue;
+                    }
+                };
+                self.blocked_stacks
+                    .insert((tid, start_ns), Arc::new(frames));
+            }
+        }
     }
 
     fn symbolize(&mut self, pid: u32, id: u64) -> Result<(), BpfError> {
@@ -627,7 +730,14 @@ impl Sensor {
                 timed: w.flags & WAIT_TIMED != 0,
                 age: Duration::from_nanos(now_ns.saturating_sub(w.start_ns)),
                 start_ns: w.start_ns,
-                stack: self.frames(pid, w.stack_id),
+                stack: if w.stack_id != EMPTY_STACK_ID {
+                    self.frames(pid, w.stack_id)
+                } else {
+                    self.blocked_stacks
+                        .get(&(*tid, w.start_ns))
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(Vec::new()))
+                },
             })
             .collect();
         let loops = self

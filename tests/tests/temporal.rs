@@ -149,6 +149,36 @@ fn diagnose_all(
     results.into_iter().map(|(n, p, v)| (n, (p, v))).collect()
 }
 
+/// `blocked_loop.py`'s two blocking calls, each at its line in its coroutine.
+fn check_blocked_loop(label: &str, v: &Value) {
+    let s = "temporal/blocked_loop.py";
+    let f = of_kind(v, "blocked_event_loop");
+    let sleep = f
+        .iter()
+        .find(|f| f["location"]["line"] == marker(s, "BLOCKING sleep"))
+        .unwrap_or_else(|| panic!("{label}: no sleep finding: {v}"));
+    assert_eq!(
+        sleep["evidence"]["coroutine"]["function"], "slow_handler",
+        "{label}"
+    );
+    assert!(sleep["evidence"]["longest_step_here_ms"].as_f64().unwrap() >= 250.0);
+    let cpu = f
+        .iter()
+        .find(|f| f["location"]["line"] == marker(s, "BLOCKING cpu"))
+        .unwrap_or_else(|| panic!("{label}: no CPU-loop finding: {v}"));
+    assert_eq!(
+        cpu["evidence"]["coroutine"]["function"], "cpu_handler",
+        "{label}"
+    );
+    let lp = marker(s, "CPU LOOP");
+    assert!(
+        lines(cpu, "related")
+            .iter()
+            .any(|l| *l == lp || *l == lp + 1),
+        "{label}: {cpu}"
+    );
+}
+
 #[test]
 fn temporal_detectors_find_every_scenario_with_its_sites() {
     if !require_root("temporal_detectors_find_every_scenario_with_its_sites") {
@@ -295,33 +325,7 @@ fn temporal_detectors_find_every_scenario_with_its_sites() {
 
         // blocked_event_loop: the synchronous sleep and the CPU loop, each
         // with the coroutine that made the call.
-        let s = "temporal/blocked_loop.py";
-        let v = &r[s].1;
-        let f = of_kind(v, "blocked_event_loop");
-        let sleep = f
-            .iter()
-            .find(|f| f["location"]["line"] == marker(s, "BLOCKING sleep"))
-            .unwrap_or_else(|| panic!("{label}: no sleep finding: {v}"));
-        assert_eq!(
-            sleep["evidence"]["coroutine"]["function"], "slow_handler",
-            "{label}"
-        );
-        assert!(sleep["evidence"]["longest_step_here_ms"].as_f64().unwrap() >= 250.0);
-        let cpu = f
-            .iter()
-            .find(|f| f["location"]["line"] == marker(s, "BLOCKING cpu"))
-            .unwrap_or_else(|| panic!("{label}: no CPU-loop finding: {v}"));
-        assert_eq!(
-            cpu["evidence"]["coroutine"]["function"], "cpu_handler",
-            "{label}"
-        );
-        let lp = marker(s, "CPU LOOP");
-        assert!(
-            lines(cpu, "related")
-                .iter()
-                .any(|l| *l == lp || *l == lp + 1),
-            "{label}: {cpu}"
-        );
+        check_blocked_loop(&label, &r["temporal/blocked_loop.py"].1);
 
         // hang: the main thread's join, with the stuck worker's site.
         let s = "temporal/hang.py";
@@ -416,4 +420,21 @@ fn temporal_detectors_stay_quiet_on_healthy_programs() {
             }
         }
     });
+}
+
+#[test]
+fn blocked_event_loop_names_the_call_on_uvloop() {
+    if !require_root("blocked_event_loop_names_the_call_on_uvloop") {
+        return;
+    }
+    // uvloop is installed (tests/requirements.txt) in the test venv, whose
+    // interpreter is Debian's static python3.11.
+    let py = Python {
+        label: "3.11-debian+uvloop".into(),
+        path: pymedic_integration::repo_root().join("target/venv/bin/python"),
+        minor: 11,
+    };
+    assert!(py.path.exists(), "no test venv: run `cargo xtask setup`");
+    let r = diagnose_all(&py, &[("temporal/blocked_loop.py", &["--uvloop"])], "16s");
+    check_blocked_loop(&py.label, &r["temporal/blocked_loop.py"].1);
 }

@@ -1,7 +1,8 @@
 """An asyncio service whose handlers block the loop: one with a synchronous
 sleep, one with a CPU loop, while a ticker and echo traffic keep the loop
-busy."""
+busy. With `--uvloop`, the same service runs on uvloop (libuv)."""
 import asyncio
+import sys
 import time
 
 
@@ -35,4 +36,9 @@ async def main():
     await asyncio.gather(*tasks)
 
 
-asyncio.run(main())
+if "--uvloop" in sys.argv:
+    import uvloop
+
+    uvloop.run(main())
+else:
+    asyncio.run(main())

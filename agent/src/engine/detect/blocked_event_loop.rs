@@ -83,24 +83,16 @@ impl Detector for BlockedEventLoop {
         false
     }
     fn watch(&self, target: &TargetInfo) -> Result<Option<Box<dyn Watch>>, DetectError> {
-        match waits::subscribe(&target.process) {
-            Ok(sub) => Ok(Some(Box::new(LoopWatch {
-                sub,
-                params: self.params,
-                last_end: HashMap::new(),
-                blocks: HashMap::new(),
-                lag: HashMap::new(),
-            }))),
-            Err(e) if e.is_permission() => {
-                tracing::warn!("{NAME} needs eBPF (CAP_BPF, CAP_PERFMON): {e}; detector off");
-                Ok(None)
-            }
-            Err(e) => Err(DetectError::Check {
-                detector: NAME,
-                op: "start the waits sensor",
-                message: e.to_string(),
-            }),
-        }
+        let Some(sub) = super::subscribe_waits(NAME, target)? else {
+            return Ok(None);
+        };
+        Ok(Some(Box::new(LoopWatch {
+            sub,
+            params: self.params,
+            last_end: HashMap::new(),
+            blocks: HashMap::new(),
+            lag: HashMap::new(),
+        })))
     }
 }
 

@@ -7,7 +7,10 @@
 //! builds without a `take_gil` symbol); the holder that lets it go wakes
 //! that address (`drop_gil`), and the kernel captures the holder's Python
 //! stack then, weighted by how long the GIL had waiters. A tight Python
-//! loop or a C extension that keeps the GIL shows up as that stack.
+//! loop or a C extension that keeps the GIL shows up as that stack. (The
+//! kernel walks stacks only for waits of 1 ms or more and 1 in 32 shorter
+//! ones; a GIL hand-off after the 5 ms switch interval is always long.
+//! Wait counts and times are exact.)
 //!
 //! Every `window` (10 s): when the threads' GIL waits add up to at least
 //! `min_wait_share` (0.5) of the window, report one finding at the top
@@ -68,24 +71,16 @@ impl Detector for GilContention {
         false
     }
     fn watch(&self, target: &TargetInfo) -> Result<Option<Box<dyn Watch>>, DetectError> {
-        match waits::subscribe(&target.process) {
-            Ok(sub) => Ok(Some(Box::new(GilWatch {
-                sub,
-                params: self.params,
-                window: GilWindow::default(),
-                window_start: Instant::now(),
-                reported: None,
-            }))),
-            Err(e) if e.is_permission() => {
-                tracing::warn!("{NAME} needs eBPF (CAP_BPF, CAP_PERFMON): {e}; detector off");
-                Ok(None)
-            }
-            Err(e) => Err(DetectError::Check {
-                detector: NAME,
-                op: "start the waits sensor",
-                message: e.to_string(),
-            }),
-        }
+        let Some(sub) = super::subscribe_waits(NAME, target)? else {
+            return Ok(None);
+        };
+        Ok(Some(Box::new(GilWatch {
+            sub,
+            params: self.params,
+            window: GilWindow::default(),
+            window_start: Instant::now(),
+            reported: None,
+        })))
     }
 }
 

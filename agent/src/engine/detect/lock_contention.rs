@@ -4,10 +4,17 @@
 //!
 //! Source: the shared waits sensor ([`crate::waits`]): every blocked
 //! acquisition is a `futex` wait on the lock's semaphore, captured in the
-//! kernel with the Python stack it blocked at; every contended release is a
-//! `FUTEX_WAKE` on that address, captured with the releasing thread's stack
-//! (the holder) and how long the address had waiters. Uncontended
+//! kernel with the Python stack it blocked at (sampled, see below); every
+//! contended release is a `FUTEX_WAKE` on that address, captured with the
+//! releasing thread's stack (the holder) and how long the address had
+//! waiters. Uncontended
 //! acquisitions never enter the kernel and cost nothing.
+//!
+//! The kernel gives every wait's count and time, and the stack of every
+//! wait of 1 ms or more and of 1 in 32 shorter ones (see
+//! [`crate::waits::STACK_MIN`]): per-lock totals are exact, per-site and
+//! per-holder figures (`sites`, `holders` in evidence) are those of the
+//! waits that carry a stack.
 //!
 //! Every `window` (10 s) the waits are summed per lock address; condition,
 //! queue, event and join waits (`threading`'s `wait`/`join`) and GIL waits
@@ -76,25 +83,18 @@ impl Detector for LockContention {
         false
     }
     fn watch(&self, target: &TargetInfo) -> Result<Option<Box<dyn Watch>>, DetectError> {
-        match waits::subscribe(&target.process) {
-            Ok(sub) => Ok(Some(Box::new(ContentionWatch {
-                sub,
-                params: self.params,
-                window: LockWindow::default(),
-                window_start: Instant::now(),
-                sources: SourceCache::new(),
-                reported: Vec::new(),
-            }))),
-            Err(e) if e.is_permission() => {
-                tracing::warn!("{NAME} needs eBPF (CAP_BPF, CAP_PERFMON): {e}; detector off");
-                Ok(None)
-            }
-            Err(e) => Err(DetectError::Check {
-                detector: NAME,
-                op: "start the waits sensor",
-                message: e.to_string(),
-            }),
-        }
+        let Some(sub) = super::subscribe_waits(NAME, target)? else {
+            return Ok(None);
+        };
+        Ok(Some(Box::new(ContentionWatch {
+            sub,
+            params: self.params,
+            window: LockWindow::default(),
+            kinds: HashMap::new(),
+            window_start: Instant::now(),
+            sources: SourceCache::new(),
+            reported: Vec::new(),
+        })))
     }
 }
 
@@ -116,21 +116,35 @@ struct LockWindow {
 }
 
 impl LockWindow {
-    fn add(&mut self, v: &View) {
+    /// Adds a view's waits and wakes. `kinds` remembers, per address,
+    /// whether its sampled waits were lock acquisitions: the kernel walks
+    /// the stacks of long waits and of 1 in 32 short ones, and the others
+    /// (no stack) count towards their address once it is known to be a
+    /// lock. Sites and holders come from the sampled ones.
+    fn add(&mut self, v: &View, kinds: &mut HashMap<u64, bool>) {
         let in_gil = |a: u64| v.gil.is_some_and(|(s, e)| a >= s && a < e);
+        if kinds.len() > MAX_KINDS {
+            kinds.clear();
+        }
+        for w in v.waits.iter().filter(|w| !w.stack.is_empty()) {
+            kinds.insert(w.uaddr, sites::is_lock_wait(&w.stack));
+        }
         for w in &v.waits {
-            if in_gil(w.uaddr) || !sites::is_lock_wait(&w.stack) {
+            if in_gil(w.uaddr) || kinds.get(&w.uaddr) != Some(&true) {
                 continue;
             }
-            let Some(site) = sites::acquire_site(&w.stack) else {
-                continue;
-            };
             let l = self.locks.entry(w.uaddr).or_default();
             l.waits.add(w.count, w.total, w.max);
             l.threads
                 .entry(w.tid)
                 .or_default()
                 .add(w.count, w.total, w.max);
+            if w.stack.is_empty() {
+                continue;
+            }
+            let Some(site) = sites::acquire_site(&w.stack) else {
+                continue;
+            };
             l.sites
                 .entry(site.clone())
                 .or_default()
@@ -141,6 +155,9 @@ impl LockWindow {
             let Some(l) = self.locks.get_mut(&w.uaddr) else {
                 continue;
             };
+            if w.stack.is_empty() {
+                continue;
+            }
             let Some(site) = sites::acquire_site(&w.stack) else {
                 continue;
             };
@@ -155,10 +172,15 @@ impl LockWindow {
     }
 }
 
+/// Addresses remembered as lock or not before the memory starts afresh.
+const MAX_KINDS: usize = 65536;
+
 struct ContentionWatch {
     sub: Subscription,
     params: Params,
     window: LockWindow,
+    /// Per futex address: were its sampled waits lock acquisitions?
+    kinds: HashMap<u64, bool>,
     window_start: Instant,
     sources: SourceCache,
     reported: Vec<(u64, Finding)>,
@@ -171,7 +193,7 @@ impl Watch for ContentionWatch {
             op: "read the waits sensor",
             message: e.to_string(),
         })?;
-        self.window.add(&view);
+        self.window.add(&view, &mut self.kinds);
         let elapsed = self.window_start.elapsed();
         if elapsed >= self.params.window {
             let w = std::mem::take(&mut self.window);
@@ -309,6 +331,7 @@ fn finding(
         "max_wait_ms": sites::ms(l.waits.max),
         "wait_share": (share * 1000.0).round() / 1000.0,
         "waiting_threads": l.threads.len(),
+        "sites_from": "waits of 1 ms or more and 1 in 32 shorter ones (stacks sampled)",
         "sites": sites::top(&l.sites, top, |s| s.total, |k, s| json!({
             "at": sites::loc_json(k), "waits": s.count,
             "wait_ms": sites::ms(s.total), "max_wait_ms": sites::ms(s.max)})),

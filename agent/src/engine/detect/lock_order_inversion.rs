@@ -168,7 +168,12 @@ impl Watch for OrderWatch {
         // count it (the read below sees it while it waits).
         if let Some(s) = &self.sensor
             && let Ok(v) = s.view()
-            && v.blocked.iter().any(|b| sites::is_lock_wait(&b.stack))
+            && v.blocked.iter().any(|b| {
+                // A fresh wait has no stack yet (the sensor reads it once
+                // the wait lasts); any non-GIL futex wait counts.
+                !v.gil.is_some_and(|(s, e)| b.uaddr >= s && b.uaddr < e)
+                    && (b.stack.is_empty() || sites::is_lock_wait(&b.stack))
+            })
         {
             self.triggered += 1;
         }

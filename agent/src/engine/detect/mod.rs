@@ -177,6 +177,26 @@ impl Settings {
 /// Builds one built-in detector from its settings.
 pub type Constructor = fn(&Settings) -> Result<Arc<dyn Detector>, DetectError>;
 
+/// Subscribes `detector` to the shared waits eBPF sensor for `target`;
+/// `Ok(None)` (with a warning: the detector is off) without eBPF privileges.
+pub(crate) fn subscribe_waits(
+    detector: &'static str,
+    target: &TargetInfo,
+) -> Result<Option<crate::waits::Subscription>, DetectError> {
+    match crate::waits::subscribe(&target.process) {
+        Ok(sub) => Ok(Some(sub)),
+        Err(e) if e.is_permission() => {
+            tracing::warn!("{detector} needs eBPF (CAP_BPF, CAP_PERFMON): {e}; detector off");
+            Ok(None)
+        }
+        Err(e) => Err(DetectError::Check {
+            detector,
+            op: "start the waits sensor",
+            message: e.to_string(),
+        }),
+    }
+}
+
 /// The built-in detectors: `(name, constructor)`, one line each.
 pub const BUILTIN: &[(&str, Constructor)] = &[
     ("deadlock", deadlock::new),

@@ -2,8 +2,9 @@
 //! `pymedic_common::waits` for the maps and what userspace does with them).
 //!
 //! * `waits_futex_enter` / `waits_futex_exit` (`syscalls:sys_{enter,exit}_futex`):
-//!   waits with their Python stack, aggregated when they end; wakes of
-//!   addresses that have waiters, with the waker's stack.
+//!   waits, aggregated when they end, with their Python stack when long
+//!   (or sampled); wakes of addresses that have waiters, with the waker's
+//!   stack when the waiters waited long (or sampled).
 //! * `waits_loop_enter` / `waits_loop_exit` (`syscalls:sys_{enter,exit}_epoll_wait`,
 //!   `epoll_pwait`, `epoll_pwait2`): event-loop step lengths.
 //! * `waits_switch` (`sched:sched_switch`): time a loop thread spends off CPU
@@ -19,7 +20,7 @@
 use aya_ebpf::{
     Global,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::{map, perf_event, tracepoint, uprobe},
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::{PerfEventContext, ProbeContext, TracePointContext},
@@ -60,6 +61,10 @@ static WAITS_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ErrorCode:
 
 #[unsafe(no_mangle)]
 static WAITS_STEP_THRESHOLD_NS: Global<u64> = Global::new(100_000_000);
+#[unsafe(no_mangle)]
+static WAITS_STACK_MIN_NS: Global<u64> = Global::new(1_000_000);
+#[unsafe(no_mangle)]
+static WAITS_SAMPLE_MASK: Global<u32> = Global::new(31);
 #[unsafe(no_mangle)]
 static WAITS_SWITCH_NEXT_PID_OFF: Global<u32> = Global::new(56);
 #[unsafe(no_mangle)]
@@ -102,6 +107,19 @@ fn stack(tgid: u32, tid: u32) -> u64 {
             EMPTY_STACK_ID
         }
     }
+}
+
+/// Whether an event that lasted `ns` gets the thread's Python stack: every
+/// long one, and a random 1 in `WAITS_SAMPLE_MASK + 1` of the short ones
+/// (a lock-heavy program makes ~10⁵ short futex calls per second; walking
+/// each stack would double its run time).
+#[inline(always)]
+fn wants_stack(ns: u64) -> bool {
+    if ns >= WAITS_STACK_MIN_NS.load() {
+        return true;
+    }
+    // SAFETY: bpf_get_prandom_u32 has no preconditions.
+    (unsafe { bpf_get_prandom_u32() }) & WAITS_SAMPLE_MASK.load() == 0
 }
 
 /// Adds one event of `ns` to `key` in `map`.
@@ -168,10 +186,13 @@ pub fn waits_futex_enter(ctx: TracePointContext) -> u32 {
     };
     if cmd == FUTEX_WAIT || cmd == FUTEX_WAIT_BITSET {
         let utime = read_arg::<u64>(&ctx, WAITS_FUTEX_UTIME_OFF.load()).unwrap_or(0);
+        // The stack is walked when the wait ends (`waits_futex_exit`: the
+        // thread has run no Python since), and only if it was long or
+        // sampled; userspace reads the stack of a wait still in flight.
         let wait = InflightWait {
             uaddr,
             start_ns: t,
-            stack_id: stack(tgid, tid),
+            stack_id: EMPTY_STACK_ID,
             tgid,
             flags: if utime != 0 { WAIT_TIMED } else { 0 },
         };
@@ -186,13 +207,18 @@ pub fn waits_futex_enter(ctx: TracePointContext) -> u32 {
             return 0; // nobody we saw waits there: not worth a stack
         };
         let _ = WAITS_CONTENDED.remove(addr);
+        let held = t.saturating_sub(since);
         let key = WaitKey {
             uaddr,
-            stack_id: stack(tgid, tid),
+            stack_id: if wants_stack(held) {
+                stack(tgid, tid)
+            } else {
+                EMPTY_STACK_ID
+            },
             tgid,
             tid,
         };
-        add(&WAITS_WAKES, &key, t.saturating_sub(since));
+        add(&WAITS_WAKES, &key, held);
     }
     0
 }
@@ -200,21 +226,24 @@ pub fn waits_futex_enter(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "syscalls", name = "sys_exit_futex")]
 pub fn waits_futex_exit(_ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current();
-    if pystack::proc_info(tgid).is_none() {
-        return 0;
-    }
+    // Only registered processes' waits are in flight: one lookup filters.
     // SAFETY: plain-data value, copied out before the remove.
     let Some(wait) = (unsafe { WAITS_INFLIGHT.get(tid) }).copied() else {
         return 0;
     };
     let _ = WAITS_INFLIGHT.remove(tid);
+    let waited = now().saturating_sub(wait.start_ns);
     let key = WaitKey {
         uaddr: wait.uaddr,
-        stack_id: wait.stack_id,
+        stack_id: if wants_stack(waited) {
+            stack(tgid, tid)
+        } else {
+            EMPTY_STACK_ID
+        },
         tgid,
         tid,
     };
-    add(&WAITS_AGG, &key, now().saturating_sub(wait.start_ns));
+    add(&WAITS_AGG, &key, waited);
     0
 }
 
