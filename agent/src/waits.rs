@@ -383,7 +383,7 @@ impl Sensor {
         if !known {
             self.stacks.retain(|k, _| k.0 != p.pid);
             pystack::register(&mut self.bpf, p)?;
-            match self.sems.cover(&mut self.bpf, p.pid) {
+            match self.sems.cover(&mut self.bpf, p) {
                 Ok(true) => {
                     self.sem_covered.insert(p.pid);
                 }

@@ -4,29 +4,33 @@
 
 use std::collections::BTreeMap;
 
+/// An identifier as the parser interned it: short names inline, long ones
+/// shared, so copying a name into the facts allocates nothing.
+pub use ruff_python_ast::name::Name;
+
 /// A reference as written in the source, with locals substituted: `self._lock`,
 /// `store.put` (where `store = Store()`), `threading.Lock`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PathRef {
     pub root: Root,
-    pub attrs: Vec<String>,
+    pub attrs: Vec<Name>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Root {
     /// A name looked up in the enclosing function's scope chain, then the module.
-    Name(String),
+    Name(Name),
     /// The method's `self` (or `cls`).
     SelfObj,
     /// The value returned by calling the inner reference (`Foo()`), or a
     /// parameter annotated with it.
     Instance(Box<PathRef>),
     /// A function-local value we know nothing about (shadows module names).
-    Local(String),
+    Local(Name),
 }
 
 impl PathRef {
-    pub fn name(n: impl Into<String>) -> PathRef {
+    pub fn name(n: impl Into<Name>) -> PathRef {
         PathRef {
             root: Root::Name(n.into()),
             attrs: Vec::new(),
@@ -46,7 +50,7 @@ impl PathRef {
     /// Source-like text, for messages.
     pub fn text(&self) -> String {
         let mut s = match &self.root {
-            Root::Name(n) | Root::Local(n) => n.clone(),
+            Root::Name(n) | Root::Local(n) => n.to_string(),
             Root::SelfObj => "self".to_owned(),
             Root::Instance(p) => format!("{}()", p.text()),
         };
@@ -59,7 +63,7 @@ impl PathRef {
 
     pub fn with_attr(&self, a: &str) -> PathRef {
         let mut p = self.clone();
-        p.attrs.push(a.to_owned());
+        p.attrs.push(Name::new(a));
         p
     }
 }

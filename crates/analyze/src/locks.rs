@@ -162,7 +162,7 @@ fn lock_attrs(p: &Program) -> FxHashMap<String, Vec<(Place, LockFlavor)>> {
             for name in class.attrs.keys() {
                 let path = PathRef {
                     root: Root::SelfObj,
-                    attrs: vec![name.clone()],
+                    attrs: vec![crate::facts::Name::new(name)],
                 };
                 let ctx = crate::symbols::Ctx {
                     file: fi as u32,

@@ -18,9 +18,11 @@
 //!
 //! A lock object at a freed and reused address (malloc readily reuses
 //! both the object's and its semaphore's) is a different lock: the waits
-//! sensor counts `sem_init` per semaphore address (a uprobe on the
-//! target's libc; lock creation is rare, so it costs nothing measurable),
-//! and a changed count starts a new node ([`super::lock_graph`]).
+//! sensor counts lock allocations per semaphore address (a uprobe on the
+//! target's libc `sem_init`, or on 3.13+ shared builds a uretprobe on
+//! `PyThread_allocate_lock`; lock creation is rare, so it costs nothing
+//! measurable), and a changed count starts a new node
+//! ([`super::lock_graph`]).
 //!
 //! What sampling misses: nested regions a thread passes through quickly
 //! (a nested `with` that holds both locks for microseconds) are seen only

@@ -12,9 +12,9 @@ use crate::facts::*;
 /// can name, `None` for an opaque local. `outer` is the enclosing function's.
 #[derive(Default)]
 pub(crate) struct Env<'o> {
-    pub(super) vars: FxHashMap<String, Option<PathRef>>,
-    pub(super) globals: BTreeSet<String>,
-    pub(super) self_name: Option<String>,
+    pub(super) vars: FxHashMap<Name, Option<PathRef>>,
+    pub(super) globals: BTreeSet<Name>,
+    pub(super) self_name: Option<Name>,
     pub(super) outer: Option<&'o Env<'o>>,
 }
 
@@ -29,17 +29,17 @@ impl Env<'_> {
     }
 
     pub(super) fn is_self(&self, n: &str) -> bool {
-        self.self_name.as_deref() == Some(n)
+        self.self_name.as_ref().is_some_and(|s| s.as_str() == n)
             || (!self.vars.contains_key(n) && self.outer.is_some_and(|o| o.is_self(n)))
     }
 
     /// The reference an expression denotes, locals substituted.
     pub(super) fn path(&self, e: &Expr) -> Option<PathRef> {
         match e {
-            Expr::Name(n) => Some(self.name(n.id.as_str())),
+            Expr::Name(n) => Some(self.name(&n.id)),
             Expr::Attribute(a) => {
                 let mut p = self.path(&a.value)?;
-                p.attrs.push(a.attr.id.as_str().to_owned());
+                p.attrs.push(a.attr.id.clone());
                 Some(p)
             }
             Expr::Call(c) => Some(PathRef {
@@ -50,7 +50,7 @@ impl Env<'_> {
         }
     }
 
-    pub(super) fn name(&self, n: &str) -> PathRef {
+    pub(super) fn name(&self, n: &Name) -> PathRef {
         if self.is_self(n) {
             return PathRef {
                 root: Root::SelfObj,
@@ -60,24 +60,24 @@ impl Env<'_> {
         match self.lookup(n) {
             Some(Some(p)) => p.clone(),
             Some(None) => PathRef {
-                root: Root::Local(n.to_owned()),
+                root: Root::Local(n.clone()),
                 attrs: Vec::new(),
             },
-            None => PathRef::name(n),
+            None => PathRef::name(n.clone()),
         }
     }
 
-    pub(super) fn bind(&mut self, name: &str, v: Option<PathRef>) {
-        if self.globals.contains(name) {
+    pub(super) fn bind(&mut self, name: &Name, v: Option<PathRef>) {
+        if self.globals.contains(name.as_str()) {
             return;
         }
-        match self.vars.get(name) {
+        match self.vars.get(name.as_str()) {
             Some(old) if *old != v => {
-                self.vars.insert(name.to_owned(), None);
+                self.vars.insert(name.clone(), None);
             }
             Some(_) => {}
             None => {
-                self.vars.insert(name.to_owned(), v);
+                self.vars.insert(name.clone(), v);
             }
         }
     }
@@ -90,7 +90,7 @@ pub(super) fn collect_locals(body: &[Stmt], env: &mut Env) {
         match stmt {
             Stmt::Global(g) => {
                 for n in &g.names {
-                    env.globals.insert(n.id.as_str().to_owned());
+                    env.globals.insert(n.id.clone());
                 }
             }
             Stmt::Nonlocal(g) => {
@@ -146,7 +146,7 @@ pub(super) fn collect_locals(body: &[Stmt], env: &mut Env) {
                 for h in &t.handlers {
                     let ast::ExceptHandler::ExceptHandler(h) = h;
                     if let Some(n) = &h.name {
-                        env.bind(n.id.as_str(), None);
+                        env.bind(&n.id, None);
                     }
                     collect_locals(&h.body, env);
                 }
@@ -158,8 +158,8 @@ pub(super) fn collect_locals(body: &[Stmt], env: &mut Env) {
                     collect_locals(&c.body, env);
                 }
             }
-            Stmt::FunctionDef(f) => env.bind(f.name.id.as_str(), None),
-            Stmt::ClassDef(c) => env.bind(c.name.id.as_str(), None),
+            Stmt::FunctionDef(f) => env.bind(&f.name.id, None),
+            Stmt::ClassDef(c) => env.bind(&c.name.id, None),
             _ => {}
         }
     }
@@ -174,7 +174,7 @@ pub(super) fn bound_value(e: &Expr, env: &Env) -> Option<PathRef> {
 
 pub(super) fn bind_target(t: &Expr, v: Option<PathRef>, env: &mut Env) {
     match t {
-        Expr::Name(n) => env.bind(n.id.as_str(), v),
+        Expr::Name(n) => env.bind(&n.id, v),
         Expr::Tuple(tu) => {
             for e in &tu.elts {
                 bind_target(e, None, env);
@@ -226,7 +226,7 @@ pub(super) fn annotation_path(e: &Expr) -> Option<PathRef> {
             ok.then(|| {
                 let mut parts = text.split('.');
                 let mut p = PathRef::name(parts.next().unwrap_or_default());
-                p.attrs.extend(parts.map(str::to_owned));
+                p.attrs.extend(parts.map(Name::new));
                 p
             })
         }

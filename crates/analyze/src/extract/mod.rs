@@ -380,13 +380,13 @@ impl FileCx<'_> {
             ..Env::default()
         };
         let self_name = if class.is_some() && !is_static {
-            params.first().map(|p| p.name.id.as_str().to_owned())
+            params.first().map(|p| p.name.id.clone())
         } else {
             None
         };
         env.self_name = self_name.clone();
         for p in &params {
-            let name = p.name.id.as_str().to_owned();
+            let name = p.name.id.clone();
             if Some(&name) == self_name.as_ref() {
                 continue;
             }
@@ -437,10 +437,10 @@ impl FileCx<'_> {
         if env.lookup(n).is_some() {
             return None;
         }
-        let mut s = match self.facts.scope.imports.get(n) {
+        let mut s = match self.facts.scope.imports.get(n.as_str()) {
             Some(Binding::Module(m)) => m.clone(),
             Some(Binding::From { module, name }) => format!("{module}.{name}"),
-            None => n.clone(),
+            None => n.to_string(),
         };
         for a in &p.attrs {
             s.push('.');

@@ -12,8 +12,9 @@
 //! * `waits_sample` (per-CPU clock, low rate): the stack of a loop thread
 //!   whose step has run long (CPU-bound work in a coroutine).
 //! * `waits_exit` (`sched:sched_process_exit`): forget the exiting thread.
-//! * `waits_sem_init` (uprobe on libc's `sem_init`): count initialisations
-//!   per semaphore address (lock allocation generations).
+//! * `waits_sem_init` (uprobe on libc's `sem_init`) or, on 3.13+ shared
+//!   builds, `waits_lock_alloc` (uretprobe on `PyThread_allocate_lock`):
+//!   count lock allocations per semaphore address (generations).
 #![no_std]
 #![no_main]
 
@@ -21,9 +22,9 @@ use aya_ebpf::{
     Global,
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns},
-    macros::{map, perf_event, tracepoint, uprobe},
+    macros::{map, perf_event, tracepoint, uprobe, uretprobe},
     maps::{HashMap, LruHashMap, PerCpuArray},
-    programs::{PerfEventContext, ProbeContext, TracePointContext},
+    programs::{PerfEventContext, ProbeContext, RetProbeContext, TracePointContext},
 };
 use pymedic_common::{
     errors::ErrorCode,
@@ -391,6 +392,29 @@ pub fn waits_sem_init(ctx: ProbeContext) -> u32 {
     let Some(sem) = ctx.arg::<u64>(0) else {
         return 0;
     };
+    new_generation(tgid, sem);
+    0
+}
+
+/// `PyThread_allocate_lock` returned (3.13+ shared builds, where the
+/// parking lot `sem_init`s a semaphore per blocked acquire and a probe on
+/// `sem_init` would trap ~10⁴ times a second): the returned `sem_t*` is a
+/// new lock's.
+#[uretprobe]
+pub fn waits_lock_alloc(ctx: RetProbeContext) -> u32 {
+    let (tgid, _) = current();
+    if pystack::proc_info(tgid).is_none() {
+        return 0;
+    }
+    let sem: u64 = ctx.ret();
+    if sem != 0 {
+        new_generation(tgid, sem);
+    }
+    0
+}
+
+#[inline(always)]
+fn new_generation(tgid: u32, sem: u64) {
     let key = AddrKey {
         uaddr: sem,
         tgid,
@@ -399,7 +423,6 @@ pub fn waits_sem_init(ctx: ProbeContext) -> u32 {
     // SAFETY: a live map value, read and written by value.
     let next = unsafe { WAITS_SEM_GEN.get(key) }.map_or(1, |g| g.wrapping_add(1));
     let _ = WAITS_SEM_GEN.insert(key, next, 0);
-    0
 }
 
 #[cfg(not(test))]
