@@ -437,6 +437,7 @@ impl Sensor {
         }
         self.procs.remove(&pid);
         self.sem_covered.remove(&pid);
+        self.sems.uncover(&mut self.bpf, pid);
         if let Err(e) = pystack::unregister(&mut self.bpf, pid) {
             tracing::warn!(pid, "unregistering from the waits sensor: {e}");
         }

@@ -10,15 +10,18 @@
 //! instead: their parking lot `sem_init`s a semaphore on the stack for
 //! every blocked acquire, and a uprobe trap each time costs the target.
 //!
-//! A probe is attached once per file (by device and inode), for all
-//! processes; the kernel side records only registered processes.
+//! A probe is attached per watched process (the kernel plants the
+//! breakpoint in that process's memory only: other processes' lock
+//! allocations, e.g. the lock of every buffered `open()`, never trap) and
+//! detached when the process is no longer watched.
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
+use std::num::NonZeroU32;
 
 use aya::Ebpf;
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use aya::programs::{UProbe, uprobe::UProbeScope};
+use aya::programs::UProbe;
+use aya::programs::uprobe::{UProbeLinkId, UProbeScope};
 use pymedic_common::waits::{AddrKey, SEM_GEN_MAP};
 use pymedic_python::{Build, PythonProcess};
 
@@ -29,11 +32,11 @@ const PROGRAM: &str = "waits_sem_init";
 const ALLOC_PROGRAM: &str = "waits_lock_alloc";
 const ALLOC_FUNCTION: &str = "PyThread_allocate_lock";
 
-/// The libc files the probe is attached to.
+/// The probes attached, one per watched process.
 #[derive(Default)]
 pub struct SemProbe {
     loaded: Vec<&'static str>,
-    attached: HashMap<(u64, u64), String>,
+    attached: HashMap<u32, (&'static str, UProbeLinkId)>,
 }
 
 /// The C library process `pid` maps, as a path through its root
@@ -55,14 +58,14 @@ impl SemProbe {
     /// Counts `p`'s lock allocations: a uretprobe on `PyThread_allocate_lock`
     /// in a 3.13+ shared `libpython` (there the parking lot `sem_init`s a
     /// semaphore per blocked acquire, ~10⁴ uprobe traps a second in a
-    /// lock-heavy program), else a uprobe on its libc's `sem_init`; each
-    /// file once. `Ok(false)`: no file to probe (generations unknown).
+    /// lock-heavy program), else a uprobe on its libc's `sem_init`; for
+    /// `p` alone. `Ok(false)`: no file to probe (generations unknown).
     pub fn cover(&mut self, bpf: &mut Ebpf, p: &PythonProcess) -> Result<bool, BpfError> {
         if (p.version.major, p.version.minor) >= (3, 13)
             && let Build::Shared { library } = &p.build
         {
             let path = format!("/proc/{}/root{library}", p.pid);
-            match self.attach(bpf, ALLOC_PROGRAM, ALLOC_FUNCTION, &path) {
+            match self.attach(bpf, p.pid, ALLOC_PROGRAM, ALLOC_FUNCTION, &path) {
                 Ok(true) => return Ok(true),
                 Ok(false) => {}
                 Err(e) => tracing::debug!(pid = p.pid, "{e}; counting sem_init instead"),
@@ -71,24 +74,27 @@ impl SemProbe {
         let Some(path) = libc_of(p.pid) else {
             return Ok(false);
         };
-        self.attach(bpf, PROGRAM, "sem_init", &path)
+        self.attach(bpf, p.pid, PROGRAM, "sem_init", &path)
     }
 
-    /// Attaches `program` at `function` of `path` unless that file already
-    /// has it. `Ok(false)`: the file is gone.
+    /// Attaches `program` at `function` of `path`, for process `pid` only,
+    /// unless `pid` has a probe. `Ok(false)`: the file is gone.
     fn attach(
         &mut self,
         bpf: &mut Ebpf,
+        pid: u32,
         program: &'static str,
         function: &str,
         path: &str,
     ) -> Result<bool, BpfError> {
-        let Ok(meta) = std::fs::metadata(path) else {
-            return Ok(false); // gone with the process
-        };
-        let file = (meta.dev(), meta.ino());
-        if self.attached.contains_key(&file) {
+        if self.attached.contains_key(&pid) {
             return Ok(true);
+        }
+        let Some(scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else {
+            return Ok(false);
+        };
+        if std::fs::metadata(path).is_err() {
+            return Ok(false); // gone with the process
         }
         let wrap = |source: aya::programs::ProgramError| BpfError::Attach {
             object: OBJECT,
@@ -108,10 +114,22 @@ impl SemProbe {
             prog.load().map_err(wrap)?;
             self.loaded.push(program);
         }
-        prog.attach(function, path, UProbeScope::AllProcesses)
-            .map_err(wrap)?;
-        self.attached.insert(file, path.to_owned());
+        let link = prog.attach(function, path, scope).map_err(wrap)?;
+        self.attached.insert(pid, (program, link));
         Ok(true)
+    }
+
+    /// Detaches `pid`'s probe (the process is no longer watched).
+    pub fn uncover(&mut self, bpf: &mut Ebpf, pid: u32) {
+        let Some((program, link)) = self.attached.remove(&pid) else {
+            return;
+        };
+        let prog: Option<&mut UProbe> = bpf.program_mut(program).and_then(|p| p.try_into().ok());
+        if let Some(prog) = prog
+            && let Err(e) = prog.detach(link)
+        {
+            tracing::debug!(pid, "detaching the lock-allocation probe: {e}");
+        }
     }
 }
 
