@@ -27,7 +27,7 @@ use pymedic_python::{PythonProcess, layout};
 
 use super::ResourceError;
 use super::watch::Watchpoint;
-use crate::bpf::{self, BpfError, objects, tracefs};
+use crate::bpf::{self, BpfError, map_err, monotonic_ns, objects, tracefs};
 use crate::engine::targets::TargetInfo;
 use crate::profile::model::Frame;
 use crate::pystack::{self, Symbolizer};
@@ -160,13 +160,6 @@ pub fn shared(config: SessionConfig) -> Result<Arc<Mutex<Session>>, ResourceErro
     let s = Arc::new(Mutex::new(Session::start(config)?));
     *slot = Arc::downgrade(&s);
     Ok(s)
-}
-
-fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> BpfError {
-    move |source| BpfError::Map {
-        map,
-        source: Box::new(source),
-    }
 }
 
 fn missing(map: &'static str) -> BpfError {
@@ -799,16 +792,6 @@ fn attach_error(
             source: Box::new(source),
         }
     }
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The kernel's per-process settings for `p`: pymalloc's arena size and

@@ -206,6 +206,29 @@ pub fn aggregate(sites: &[SiteCounts<'_>], inner_role: &str) -> Vec<Aggregate> {
     out
 }
 
+/// Settings of a per-site leak detector (`fd_leak`, `thread_leak`):
+/// `window`, `min_growth` (net rise over the window), `min_z` (trend
+/// strength), `max_findings`.
+#[derive(Clone, Copy, Debug)]
+pub struct Growth {
+    pub window: std::time::Duration,
+    pub min_growth: u64,
+    pub min_z: f64,
+    pub max_findings: usize,
+}
+
+impl Growth {
+    fn rule(&self) -> super::trend::Rule {
+        super::trend::Rule {
+            min_points: 5,
+            min_span: 8.0,
+            min_z: self.min_z,
+            min_net: self.min_growth as f64,
+            min_late_share: 0.25,
+        }
+    }
+}
+
 /// Live counts per site over time, and which sites are leaking.
 pub struct SiteTracker {
     series: std::collections::HashMap<Location, super::trend::Series>,
@@ -251,6 +274,42 @@ impl SiteTracker {
         // Forget sites idle at zero for a full series.
         self.series
             .retain(|_, s| s.points().any(|(_, v)| v > 0.0) || s.len() < 128);
+    }
+
+    /// One check of a per-site leak detector: the session's counters of
+    /// `kind` for `pid` (polled first) aggregated per program site
+    /// (`inner_role` names the frames inside it), recorded at `t` seconds,
+    /// and the leaking sites, most live first, at most `g.max_findings`.
+    pub fn check(
+        &mut self,
+        session: &std::sync::Mutex<super::session::Session>,
+        pid: u32,
+        kind: u32,
+        inner_role: &str,
+        t: f64,
+        g: &Growth,
+    ) -> Result<Vec<Leak>, super::ResourceError> {
+        let aggregates = {
+            let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
+            s.poll()?;
+            let counts: Vec<SiteCounts<'_>> = s
+                .sites(pid, kind)
+                .iter()
+                .map(|v| SiteCounts {
+                    frames: &v.frames,
+                    opened: v.value.opened,
+                    closed: v.value.closed,
+                    recent: &v.value.recent,
+                    next: v.value.next,
+                })
+                .collect();
+            aggregate(&counts, inner_role)
+        };
+        self.observe(t, &aggregates);
+        let mut leaks = self.leaks(&aggregates, &g.rule(), g.window.as_secs_f64());
+        leaks.sort_by_key(|l| std::cmp::Reverse(l.site.live));
+        leaks.truncate(g.max_findings);
+        Ok(leaks)
     }
 
     /// Sites whose live count grows steadily over the last `window`

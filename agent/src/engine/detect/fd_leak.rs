@@ -31,20 +31,14 @@ use serde_json::json;
 
 use super::{CheckContext, DetectError, Detector, Settings, Watch};
 use crate::engine::targets::TargetInfo;
+use crate::resource::fdinfo;
 use crate::resource::session::{self, Session, SessionConfig};
-use crate::resource::sites::{self, SiteCounts, SiteTracker};
-use crate::resource::trend::{self, Rule};
-use crate::resource::{ResourceError, fdinfo};
+use crate::resource::sites::{self, SiteTracker};
+use crate::resource::trend;
 
 const NAME: &str = "fd_leak";
 
-#[derive(Clone, Copy, Debug)]
-struct Params {
-    window: Duration,
-    min_growth: u64,
-    min_z: f64,
-    max_findings: usize,
-}
+type Params = sites::Growth;
 
 pub struct FdLeak {
     params: Params,
@@ -54,16 +48,26 @@ pub struct FdLeak {
 /// `[detectors.fd_leak]`: `interval` (2s), `window` (60s), `min_growth`
 /// (20 descriptors), `min_z` (3.0), `max_findings` (5).
 pub fn new(s: &Settings) -> Result<Arc<dyn Detector>, DetectError> {
-    s.only(&["window", "min_growth", "min_z", "max_findings"])?;
     Ok(Arc::new(FdLeak {
-        params: Params {
-            window: s.duration("window", Duration::from_secs(60))?,
-            min_growth: s.uint("min_growth", 20)?.max(2),
-            min_z: s.float("min_z", 3.0)?,
-            max_findings: s.uint("max_findings", 5)? as usize,
-        },
+        params: growth_settings(s, 20, 5)?,
         enricher: Arc::new(Enricher::new()),
     }))
+}
+
+/// `[detectors.fd_leak]` / `[detectors.thread_leak]` settings: `window`
+/// (60s), `min_growth`, `min_z` (3.0), `max_findings`; other keys rejected.
+pub(super) fn growth_settings(
+    s: &Settings,
+    min_growth: u64,
+    max_findings: u64,
+) -> Result<sites::Growth, DetectError> {
+    s.only(&["window", "min_growth", "min_z", "max_findings"])?;
+    Ok(sites::Growth {
+        window: s.duration("window", Duration::from_secs(60))?,
+        min_growth: s.uint("min_growth", min_growth)?.max(2),
+        min_z: s.float("min_z", 3.0)?,
+        max_findings: s.uint("max_findings", max_findings)? as usize,
+    })
 }
 
 /// Starts (or joins) the shared session for `features` of `target`;
@@ -162,36 +166,17 @@ impl Drop for FdWatch {
 impl Watch for FdWatch {
     fn check(&mut self, cx: &CheckContext<'_>) -> Result<Vec<Finding>, DetectError> {
         let t = self.epoch.elapsed().as_secs_f64();
-        let aggregates = {
-            let mut s = self.session.lock().unwrap_or_else(|e| e.into_inner());
-            s.poll()
-                .map_err(|e: ResourceError| err(NAME, "read the eBPF maps", e))?;
-            let views = s.sites(self.pid, SITE_FD);
-            let counts: Vec<SiteCounts<'_>> = views
-                .iter()
-                .map(|v| SiteCounts {
-                    frames: &v.frames,
-                    opened: v.value.opened,
-                    closed: v.value.closed,
-                    recent: &v.value.recent,
-                    next: v.value.next,
-                })
-                .collect();
-            sites::aggregate(&counts, "opened inside")
-        };
-        self.tracker.observe(t, &aggregates);
-        let rule = Rule {
-            min_points: 5,
-            min_span: 8.0,
-            min_z: self.params.min_z,
-            min_net: self.params.min_growth as f64,
-            min_late_share: 0.25,
-        };
-        let mut leaks = self
+        let leaks = self
             .tracker
-            .leaks(&aggregates, &rule, self.params.window.as_secs_f64());
-        leaks.sort_by_key(|l| std::cmp::Reverse(l.site.live));
-        leaks.truncate(self.params.max_findings);
+            .check(
+                &self.session,
+                self.pid,
+                SITE_FD,
+                "opened inside",
+                t,
+                &self.params,
+            )
+            .map_err(|e| err(NAME, "read the eBPF maps", e))?;
         if leaks.is_empty() {
             return Ok(Vec::new());
         }

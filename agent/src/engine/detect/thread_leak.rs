@@ -27,18 +27,12 @@ use super::{CheckContext, DetectError, Detector, Settings, Watch};
 use crate::engine::targets::TargetInfo;
 use crate::pystack::CodeSource as _;
 use crate::resource::session::Session;
-use crate::resource::sites::{self, SiteCounts, SiteTracker};
-use crate::resource::trend::{self, Rule};
+use crate::resource::sites::{self, SiteTracker};
+use crate::resource::trend;
 
 const NAME: &str = "thread_leak";
 
-#[derive(Clone, Copy, Debug)]
-struct Params {
-    window: Duration,
-    min_growth: u64,
-    min_z: f64,
-    max_findings: usize,
-}
+type Params = sites::Growth;
 
 pub struct ThreadLeak {
     params: Params,
@@ -47,14 +41,8 @@ pub struct ThreadLeak {
 /// `[detectors.thread_leak]`: `interval` (2s), `window` (60s),
 /// `min_growth` (8 threads), `min_z` (3.0), `max_findings` (3).
 pub fn new(s: &Settings) -> Result<Arc<dyn Detector>, DetectError> {
-    s.only(&["window", "min_growth", "min_z", "max_findings"])?;
     Ok(Arc::new(ThreadLeak {
-        params: Params {
-            window: s.duration("window", Duration::from_secs(60))?,
-            min_growth: s.uint("min_growth", 8)?.max(2),
-            min_z: s.float("min_z", 3.0)?,
-            max_findings: s.uint("max_findings", 3)? as usize,
-        },
+        params: super::fd_leak::growth_settings(s, 8, 3)?,
     }))
 }
 
@@ -118,35 +106,17 @@ impl Drop for ThreadWatch {
 impl Watch for ThreadWatch {
     fn check(&mut self, cx: &CheckContext<'_>) -> Result<Vec<Finding>, DetectError> {
         let t = self.epoch.elapsed().as_secs_f64();
-        let aggregates = {
-            let mut s = self.session.lock().unwrap_or_else(|e| e.into_inner());
-            s.poll().map_err(|e| err(NAME, "read the eBPF maps", e))?;
-            let views = s.sites(self.pid, SITE_THREAD);
-            let counts: Vec<SiteCounts<'_>> = views
-                .iter()
-                .map(|v| SiteCounts {
-                    frames: &v.frames,
-                    opened: v.value.opened,
-                    closed: v.value.closed,
-                    recent: &v.value.recent,
-                    next: v.value.next,
-                })
-                .collect();
-            sites::aggregate(&counts, "started inside")
-        };
-        self.tracker.observe(t, &aggregates);
-        let rule = Rule {
-            min_points: 5,
-            min_span: 8.0,
-            min_z: self.params.min_z,
-            min_net: self.params.min_growth as f64,
-            min_late_share: 0.25,
-        };
-        let mut leaks = self
+        let leaks = self
             .tracker
-            .leaks(&aggregates, &rule, self.params.window.as_secs_f64());
-        leaks.sort_by_key(|l| std::cmp::Reverse(l.site.live));
-        leaks.truncate(self.params.max_findings);
+            .check(
+                &self.session,
+                self.pid,
+                SITE_THREAD,
+                "started inside",
+                t,
+                &self.params,
+            )
+            .map_err(|e| err(NAME, "read the eBPF maps", e))?;
         if leaks.is_empty() {
             return Ok(Vec::new());
         }
