@@ -70,38 +70,13 @@ pub(super) fn growth_settings(
     })
 }
 
-/// A detector's share of the resource session: `features` of `pid` are
-/// tracked while it lives, and given up when it is dropped. Derefs to the
-/// session.
-pub(super) struct Membership {
-    session: Arc<Mutex<Session>>,
-    pid: u32,
-    features: u32,
-}
-
-impl std::ops::Deref for Membership {
-    type Target = Arc<Mutex<Session>>;
-    fn deref(&self) -> &Arc<Mutex<Session>> {
-        &self.session
-    }
-}
-
-impl Drop for Membership {
-    fn drop(&mut self) {
-        self.session
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(self.pid, self.features);
-    }
-}
-
 /// Starts (or joins) the shared session for `features` of `target`;
 /// `Ok(None)` without eBPF privileges.
 pub(super) fn join_session(
     detector: &'static str,
     target: &TargetInfo,
     features: u32,
-) -> Result<Option<Membership>, DetectError> {
+) -> Result<Option<Arc<Mutex<Session>>>, DetectError> {
     let s = match session::shared(SessionConfig::default()) {
         Ok(s) => s,
         Err(e) if e.is_permission() => {
@@ -114,11 +89,7 @@ pub(super) fn join_session(
         .unwrap_or_else(|e| e.into_inner())
         .add(target, features)
         .map_err(|e| err(detector, "track the process", e))?;
-    Ok(Some(Membership {
-        session: s,
-        pid: target.id.pid,
-        features,
-    }))
+    Ok(Some(s))
 }
 
 pub(super) fn err(
@@ -175,12 +146,21 @@ impl Detector for FdLeak {
 struct FdWatch {
     pid: u32,
     params: Params,
-    session: Membership,
+    session: Arc<Mutex<Session>>,
     enricher: Arc<Enricher>,
     tracker: SiteTracker,
     epoch: Instant,
     /// Static explanations by site, computed once.
     statics: HashMap<Location, Vec<Related>>,
+}
+
+impl Drop for FdWatch {
+    fn drop(&mut self) {
+        self.session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(self.pid, FEAT_FD);
+    }
 }
 
 impl Watch for FdWatch {
