@@ -60,6 +60,9 @@ pub const SHORT_SAMPLE_ONE_IN: u32 = 32;
 pub const READ_BLOCKED_AFTER: Duration = Duration::from_millis(50);
 /// At most this many such stacks are read per poll.
 const READS_PER_POLL: usize = 64;
+/// Polls (100 ms apart) a blocked thread is looked for among the Python
+/// threads before it is taken for a native one (empty stack).
+const MAX_STACK_MISSES: u32 = 30;
 
 /// Rate of the per-CPU clock that samples long event-loop steps.
 const SAMPLE_HZ: u64 = 20;
@@ -194,6 +197,8 @@ pub struct Sensor {
     /// Stacks of long untimed waits in flight, read from memory, by
     /// `(tid, start_ns)`.
     blocked_stacks: HashMap<(u32, u64), Frames>,
+    /// Failed attempts to match such a wait's thread, by `(tid, start_ns)`.
+    blocked_misses: HashMap<(u32, u64), u32>,
     steps: Vec<(u32, StepState)>,
     stacks: HashMap<(u32, u64), Frames>,
     max_stacks: u32,
@@ -370,6 +375,7 @@ impl Sensor {
             next_sub: 1,
             inflight: Vec::new(),
             blocked_stacks: HashMap::new(),
+            blocked_misses: HashMap::new(),
             steps: Vec::new(),
             stacks: HashMap::new(),
             max_stacks,
@@ -574,6 +580,7 @@ impl Sensor {
             .map(|(tid, w)| (*tid, w.start_ns))
             .collect();
         self.blocked_stacks.retain(|k, _| live.contains(k));
+        self.blocked_misses.retain(|k, _| live.contains(k));
         let now_ns = monotonic_ns();
         let after = READ_BLOCKED_AFTER.as_nanos() as u64;
         let mut wanted: HashMap<u32, Vec<(u32, u64)>> = HashMap::new();
@@ -605,12 +612,18 @@ impl Sensor {
                     .iter()
                     .find(|t| native.get(&t.thread_id) == Some(&tid))
                 else {
-                    // Not a Python thread (or not yet known): nothing to read.
-                    self.blocked_stacks
-                        .insert((tid, start_ns), Arc::new(Vec::new()));
+                    // Not matched to a Python thread this time (the tid
+                    // mapping can miss while threads come and go): retry at
+                    // the next polls; give up (empty stack) after a while.
+                    let misses = self.blocked_misses.entry((tid, start_ns)).or_insert(0);
+                    *misses += 1;
+                    if *misses >= MAX_STACK_MISSES {
+                        self.blocked_stacks
+                            .insert((tid, start_ns), Arc::new(Vec::new()));
+                    }
                     continue;
                 };
-                let frames = match interp.frames(thread) {
+                let frames: Vec<StackFrame> = match interp.frames(thread) {
                     Ok(frames) => frames
                         .iter()
                         .map(|f| StackFrame {
@@ -623,6 +636,11 @@ impl Sensor {
                         continue;
                     }
                 };
+                // A thread blocked in a Python-level wait has frames; none
+                // read means a torn read: try again at the next poll.
+                if frames.is_empty() {
+                    continue;
+                }
                 self.blocked_stacks
                     .insert((tid, start_ns), Arc::new(frames));
             }
