@@ -217,7 +217,13 @@ impl Watch for DeadlockWatch {
             .unwrap_or_default();
         // A standing verdict holds while its threads still wait where they did.
         if let Some((findings, waits)) = &self.verdict {
-            if view.is_some() && waits.iter().all(|w| long.iter().any(|l| (l.0, l.1) == *w)) {
+            // Still blocked on the same futex is enough (its stack may not
+            // have been read yet: the verdict was made from dump snapshots).
+            let still = |w: &(u32, u64)| {
+                view.as_ref()
+                    .is_some_and(|v| v.blocked.iter().any(|b| !b.timed && (b.tid, b.uaddr) == *w))
+            };
+            if view.is_some() && waits.iter().all(still) {
                 return Ok(findings.clone());
             }
             self.verdict = None;
