@@ -70,13 +70,38 @@ pub(super) fn growth_settings(
     })
 }
 
+/// A detector's share of the resource session: `features` of `pid` are
+/// tracked while it lives, and given up when it is dropped. Derefs to the
+/// session.
+pub(super) struct Membership {
+    session: Arc<Mutex<Session>>,
+    pid: u32,
+    features: u32,
+}
+
+impl std::ops::Deref for Membership {
+    type Target = Arc<Mutex<Session>>;
+    fn deref(&self) -> &Arc<Mutex<Session>> {
+        &self.session
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(self.pid, self.features);
+    }
+}
+
 /// Starts (or joins) the shared session for `features` of `target`;
 /// `Ok(None)` without eBPF privileges.
 pub(super) fn join_session(
     detector: &'static str,
     target: &TargetInfo,
     features: u32,
-) -> Result<Option<Arc<Mutex<Session>>>, DetectError> {
+) -> Result<Option<Membership>, DetectError> {
     let s = match session::shared(SessionConfig::default()) {
         Ok(s) => s,
         Err(e) if e.is_permission() => {
@@ -89,7 +114,11 @@ pub(super) fn join_session(
         .unwrap_or_else(|e| e.into_inner())
         .add(target, features)
         .map_err(|e| err(detector, "track the process", e))?;
-    Ok(Some(s))
+    Ok(Some(Membership {
+        session: s,
+        pid: target.id.pid,
+        features,
+    }))
 }
 
 pub(super) fn err(
@@ -146,21 +175,12 @@ impl Detector for FdLeak {
 struct FdWatch {
     pid: u32,
     params: Params,
-    session: Arc<Mutex<Session>>,
+    session: Membership,
     enricher: Arc<Enricher>,
     tracker: SiteTracker,
     epoch: Instant,
     /// Static explanations by site, computed once.
     statics: HashMap<Location, Vec<Related>>,
-}
-
-impl Drop for FdWatch {
-    fn drop(&mut self) {
-        self.session
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(self.pid, FEAT_FD);
-    }
 }
 
 impl Watch for FdWatch {

@@ -18,7 +18,7 @@
 //! window; it names the allocation site that triggers the longest pauses.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pymedic_common::resource::{FEAT_GC, FEAT_GC_PRE, GC_GENERATIONS};
@@ -26,10 +26,10 @@ use pymedic_model::{Finding, Kind, Layer, Location, Severity};
 use pymedic_python::memory::{LiveMemory, ProcessMemory};
 use serde_json::json;
 
-use super::fd_leak::{err, join_session, round};
+use super::fd_leak::{Membership, err, join_session, round};
 use super::{CheckContext, DetectError, Detector, Settings, Watch};
 use crate::engine::targets::TargetInfo;
-use crate::resource::session::{self, PauseView, Session};
+use crate::resource::session::{self, PauseView};
 use crate::resource::sites;
 
 const NAME: &str = "gc_pause";
@@ -132,7 +132,7 @@ struct Counters {
 struct GcWatch {
     pid: u32,
     params: Params,
-    session: Arc<Mutex<Session>>,
+    session: Membership,
     mem: LiveMemory,
     state: u64,
     layout: &'static pymedic_python::Layout,
@@ -142,15 +142,6 @@ struct GcWatch {
     location: Option<Location>,
     /// Collections run at eval-breaker checks (3.12+).
     deferred: bool,
-}
-
-impl Drop for GcWatch {
-    fn drop(&mut self) {
-        self.session
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(self.pid, FEAT_GC | FEAT_GC_PRE);
-    }
 }
 
 /// The generation a pause collected (the oldest whose counter moved).

@@ -37,7 +37,7 @@ use pymedic_common::resource::FEAT_MEMORY;
 use pymedic_model::{Finding, Kind, Layer, Location, Related, Severity};
 use serde_json::json;
 
-use super::fd_leak::{err, join_session, round};
+use super::fd_leak::{Membership, err, join_session, round};
 use super::{CheckContext, DetectError, Detector, Settings, Watch};
 use crate::engine::targets::TargetInfo;
 use crate::resource::heap::{Container, Kind as CKind};
@@ -153,7 +153,7 @@ struct Alloc {
 struct MemWatch {
     pid: u32,
     params: Params,
-    session: Arc<Mutex<Session>>,
+    session: Membership,
     tracker: Arc<Mutex<MemoryTracker>>,
     states: HashMap<u64, State>,
     /// Location of the no-container finding, once reported.
@@ -164,9 +164,11 @@ struct MemWatch {
 
 impl Drop for MemWatch {
     fn drop(&mut self) {
-        let mut s = self.session.lock().unwrap_or_else(|e| e.into_inner());
-        s.disarm_watch(self.pid);
-        s.remove(self.pid, FEAT_MEMORY);
+        // The membership (a field, dropped after this) gives up tracking.
+        self.session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .disarm_watch(self.pid);
     }
 }
 

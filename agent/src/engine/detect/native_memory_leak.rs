@@ -23,13 +23,12 @@ use pymedic_common::resource::FEAT_MEMORY;
 use pymedic_model::{Finding, Kind, Layer, Location, Related, Severity};
 use serde_json::json;
 
-use super::fd_leak::{err, join_session, round};
+use super::fd_leak::{Membership, err, join_session, round};
 use super::memory_leak::{Params as MemParams, growing, human_bytes};
 use super::{CheckContext, DetectError, Detector, Settings, Watch};
 use crate::engine::targets::TargetInfo;
 use crate::resource::memory::{self, MemoryTracker};
 use crate::resource::native::{self, NativeSymbolizer};
-use crate::resource::session::Session;
 use crate::resource::sites;
 use crate::resource::trend::{self, Rule, Series};
 
@@ -102,22 +101,13 @@ impl Detector for NativeMemoryLeak {
 struct NativeWatch {
     pid: u32,
     params: Params,
-    session: Arc<Mutex<Session>>,
+    session: Membership,
     tracker: Arc<Mutex<MemoryTracker>>,
     symbols: NativeSymbolizer,
     threads: Series,
     epoch: std::time::Instant,
     /// Where it was first reported (kept stable).
     location: Option<Location>,
-}
-
-impl Drop for NativeWatch {
-    fn drop(&mut self) {
-        self.session
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(self.pid, FEAT_MEMORY);
-    }
 }
 
 impl Watch for NativeWatch {

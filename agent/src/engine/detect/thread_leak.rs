@@ -13,7 +13,7 @@
 //! answered).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pymedic_common::resource::{FEAT_THREAD, SITE_THREAD};
@@ -22,11 +22,10 @@ use pymedic_python::Interpreter;
 use pymedic_python::memory::LiveMemory;
 use serde_json::json;
 
-use super::fd_leak::{err, join_session, round};
+use super::fd_leak::{Membership, err, join_session, round};
 use super::{CheckContext, DetectError, Detector, Settings, Watch};
 use crate::engine::targets::TargetInfo;
 use crate::pystack::CodeSource as _;
-use crate::resource::session::Session;
 use crate::resource::sites::{self, SiteTracker};
 use crate::resource::trend;
 
@@ -88,19 +87,10 @@ impl Detector for ThreadLeak {
 struct ThreadWatch {
     pid: u32,
     params: Params,
-    session: Arc<Mutex<Session>>,
+    session: Membership,
     interp: Option<Interpreter<LiveMemory>>,
     tracker: SiteTracker,
     epoch: Instant,
-}
-
-impl Drop for ThreadWatch {
-    fn drop(&mut self) {
-        self.session
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(self.pid, FEAT_THREAD);
-    }
 }
 
 impl Watch for ThreadWatch {
