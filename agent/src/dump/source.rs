@@ -267,31 +267,13 @@ fn is_compound(s: &Stmt) -> bool {
     )
 }
 
-/// The statement blocks nested directly in `s`.
+/// The statement blocks nested directly in `s`: function and class bodies
+/// too.
 fn child_blocks(s: &Stmt) -> Vec<&[Stmt]> {
     match s {
         Stmt::FunctionDef(f) => vec![&f.body],
         Stmt::ClassDef(c) => vec![&c.body],
-        Stmt::With(w) => vec![&w.body],
-        Stmt::If(i) => {
-            let mut v: Vec<&[Stmt]> = vec![&i.body];
-            v.extend(i.elif_else_clauses.iter().map(|c| &c.body[..]));
-            v
-        }
-        Stmt::While(w) => vec![&w.body, &w.orelse],
-        Stmt::For(f) => vec![&f.body, &f.orelse],
-        Stmt::Try(t) => {
-            let mut v: Vec<&[Stmt]> = vec![&t.body];
-            for h in &t.handlers {
-                let ruff_python_ast::ExceptHandler::ExceptHandler(h) = h;
-                v.push(&h.body);
-            }
-            v.push(&t.orelse);
-            v.push(&t.finalbody);
-            v
-        }
-        Stmt::Match(m) => m.cases.iter().map(|c| &c.body[..]).collect(),
-        _ => Vec::new(),
+        _ => pymedic_repair::text::child_suites(s),
     }
 }
 

@@ -16,6 +16,7 @@
 //! code. The caller checks the answer against the runtime type of the
 //! newest entries ([`Creation::consistent_with`]).
 
+use pymedic_repair::text::child_suites;
 use ruff_python_ast::{Expr, ModModule, Stmt};
 use ruff_text_size::Ranged;
 
@@ -124,7 +125,7 @@ fn collect<'a>(
                 collect(src, &c.body, &q, Some(c.name.as_str()), out, classes);
             }
             _ => {
-                for b in blocks(s) {
+                for b in child_suites(s) {
                     collect(src, b, prefix, class, out, classes);
                 }
             }
@@ -132,38 +133,11 @@ fn collect<'a>(
     }
 }
 
-/// Statement blocks nested in a compound statement (not function or class
-/// bodies: those are other scopes).
-fn blocks(s: &Stmt) -> Vec<&[Stmt]> {
-    match s {
-        Stmt::With(w) => vec![&w.body],
-        Stmt::If(i) => {
-            let mut v: Vec<&[Stmt]> = vec![&i.body];
-            v.extend(i.elif_else_clauses.iter().map(|c| &c.body[..]));
-            v
-        }
-        Stmt::While(w) => vec![&w.body, &w.orelse],
-        Stmt::For(f) => vec![&f.body, &f.orelse],
-        Stmt::Try(t) => {
-            let mut v: Vec<&[Stmt]> = vec![&t.body];
-            for h in &t.handlers {
-                let ruff_python_ast::ExceptHandler::ExceptHandler(h) = h;
-                v.push(&h.body);
-            }
-            v.push(&t.orelse);
-            v.push(&t.finalbody);
-            v
-        }
-        Stmt::Match(m) => m.cases.iter().map(|c| &c.body[..]).collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// Every statement of a scope, nested blocks included, in source order.
 fn statements<'a>(body: &'a [Stmt], out: &mut Vec<&'a Stmt>) {
     for s in body {
         out.push(s);
-        for b in blocks(s) {
+        for b in child_suites(s) {
             statements(b, out);
         }
     }
