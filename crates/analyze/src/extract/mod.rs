@@ -20,27 +20,33 @@ use env::*;
 use walker::FnWalker;
 
 /// Methods that add to a container.
-pub(super) const ADD_METHODS: &[&str] = &[
-    "append",
-    "extend",
-    "add",
-    "update",
-    "insert",
-    "setdefault",
-    "appendleft",
-    "extendleft",
-];
+pub(super) fn adds_to_container(name: &str) -> bool {
+    matches!(
+        name,
+        "append"
+            | "extend"
+            | "add"
+            | "update"
+            | "insert"
+            | "setdefault"
+            | "appendleft"
+            | "extendleft"
+    )
+}
 /// Methods that remove from (or reset) a container.
-pub(super) const REMOVE_METHODS: &[&str] = &[
-    "pop",
-    "popitem",
-    "remove",
-    "discard",
-    "clear",
-    "popleft",
-    "difference_update",
-    "intersection_update",
-];
+pub(super) fn removes_from_container(name: &str) -> bool {
+    matches!(
+        name,
+        "pop"
+            | "popitem"
+            | "remove"
+            | "discard"
+            | "clear"
+            | "popleft"
+            | "difference_update"
+            | "intersection_update"
+    )
+}
 
 /// Parses `text` (the contents of `file`) and extracts its facts. Syntax
 /// errors are recorded and the recovered tree is still analysed.

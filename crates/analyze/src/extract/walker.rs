@@ -6,7 +6,7 @@ use ruff_python_ast::{self as ast, Expr, Stmt};
 use ruff_text_size::Ranged;
 
 use super::env::*;
-use super::{ADD_METHODS, FileCx, REMOVE_METHODS};
+use super::{FileCx, adds_to_container, removes_from_container};
 use crate::facts::*;
 
 /// Walks one function body (not nested definitions, which get their own).
@@ -106,13 +106,13 @@ impl FnWalker<'_, '_, '_> {
     fn effect(&self, c: &ast::ExprCall, callee: &PathRef) -> CallEffect {
         let method = callee.last();
         let interesting = matches!(method, "acquire" | "release")
-            || ADD_METHODS.contains(&method)
-            || REMOVE_METHODS.contains(&method);
+            || adds_to_container(method)
+            || removes_from_container(method);
         if interesting && let Some(recv) = receiver(callee) {
             return match method {
                 "acquire" => CallEffect::Acquire(recv),
                 "release" => CallEffect::Release(recv),
-                m if ADD_METHODS.contains(&m) => {
+                m if adds_to_container(m) => {
                     let constant_key =
                         m == "setdefault" && c.arguments.args.first().is_some_and(is_constant);
                     if constant_key {

@@ -9,42 +9,45 @@ use crate::facts::{PathRef, ResourceKind};
 
 /// Call names that take ownership of an argument (store it, close it later,
 /// or run it on another thread).
-pub(super) const TAKES_OWNERSHIP: &[&str] = &[
-    "append",
-    "appendleft",
-    "add",
-    "put",
-    "put_nowait",
-    "insert",
-    "extend",
-    "register",
-    "submit",
-    "setdefault",
-    "update",
-    "Thread",
-    "Process",
-    "Timer",
-    "start_new_thread",
-    "run_in_executor",
-    "create_task",
-    "ensure_future",
-    "spawn",
-    "apply_async",
-    "push",
-    "enter_context",
-    "callback",
-    "wrap_socket",
-    "TextIOWrapper",
-    "BufferedReader",
-    "BufferedWriter",
-    "BufferedRandom",
-    "fdopen",
-    "fromfd",
-    "closing",
-    "finalize",
-    "detach",
-    "makefile",
-];
+pub(super) fn takes_ownership(name: &str) -> bool {
+    matches!(
+        name,
+        "append"
+            | "appendleft"
+            | "add"
+            | "put"
+            | "put_nowait"
+            | "insert"
+            | "extend"
+            | "register"
+            | "submit"
+            | "setdefault"
+            | "update"
+            | "Thread"
+            | "Process"
+            | "Timer"
+            | "start_new_thread"
+            | "run_in_executor"
+            | "create_task"
+            | "ensure_future"
+            | "spawn"
+            | "apply_async"
+            | "push"
+            | "enter_context"
+            | "callback"
+            | "wrap_socket"
+            | "TextIOWrapper"
+            | "BufferedReader"
+            | "BufferedWriter"
+            | "BufferedRandom"
+            | "fdopen"
+            | "fromfd"
+            | "closing"
+            | "finalize"
+            | "detach"
+            | "makefile"
+    )
+}
 
 /// Calls that use an argument without keeping it.
 pub(super) const NON_RETAINING: &[&str] = &[
@@ -255,7 +258,7 @@ pub(super) fn escape(stmt: &Stmt, name: &str, path: &dyn Fn(&Expr) -> Option<Pat
                             return;
                         }
                         if is_name(a, self.name) {
-                            if TAKES_OWNERSHIP.contains(&last) {
+                            if takes_ownership(last) {
                                 self.yes = true;
                                 return;
                             }
@@ -266,7 +269,7 @@ pub(super) fn escape(stmt: &Stmt, name: &str, path: &dyn Fn(&Expr) -> Option<Pat
                     }
                     for k in &c.arguments.keywords {
                         if mentions(&k.value, self.name)
-                            && (TAKES_OWNERSHIP.contains(&last)
+                            && (takes_ownership(last)
                                 || k.arg.as_ref().is_some_and(|a| {
                                     matches!(a.id.as_str(), "args" | "kwargs" | "fileno" | "sock")
                                 }))
@@ -359,7 +362,7 @@ pub fn consumed_params(body: &[Stmt], params: &[&str]) -> Vec<bool> {
                         self.mark(n.id.as_str());
                     }
                     let last = callee_last(&c.func);
-                    if last == "close" || TAKES_OWNERSHIP.contains(&last) {
+                    if last == "close" || takes_ownership(last) {
                         for a in c
                             .arguments
                             .args
