@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
     .map_err(|e| {
         anyhow::anyhow!(
             "building the eBPF programs failed: {e:#}\n\
-             They need the nightly toolchain with rust-src and bpf-linker built against LLVM 22: \
+             They need the nightly toolchain with rust-src and bpf-linker built against the nightly's LLVM: \
              run `cargo xtask setup` once (it installs both)."
         )
     })

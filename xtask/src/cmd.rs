@@ -37,11 +37,6 @@ pub fn output(program: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// True when `program` is on PATH (or an absolute path that exists).
-pub fn have(program: &str) -> bool {
-    which(program).is_some()
-}
-
 /// Finds `program` on PATH.
 pub fn which(program: &str) -> Option<PathBuf> {
     if program.contains('/') {

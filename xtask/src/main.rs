@@ -13,6 +13,7 @@ mod bench_analyze;
 mod bench_leak;
 mod bench_locks;
 mod bench_record;
+mod bpf_linker;
 mod cmd;
 mod codegen;
 mod setup;

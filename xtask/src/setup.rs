@@ -7,15 +7,11 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::cmd::{self, have, output, workspace_root};
+use crate::bpf_linker;
+use crate::cmd::{self, output, workspace_root};
 
 /// Debian packages the build and the tests use.
 const APT_PACKAGES: &[(&str, &str)] = &[
-    ("llvm-22-dev", "bpf-linker links against LLVM 22"),
-    (
-        "libpolly-22-dev",
-        "LLVM 22's Polly, needed to link bpf-linker",
-    ),
     ("protobuf-compiler", "protoc, for the proto drift test"),
     (
         "libprotobuf-dev",
@@ -140,32 +136,24 @@ fn setup_steps(verbose: bool) -> anyhow::Result<Vec<String>> {
         }
     }
 
-    // 3. bpf-linker against LLVM 22.
-    if bpf_linker_ok() {
+    // 3. bpf-linker against the nightly's own LLVM.
+    let llvm = bpf_linker::NightlyLlvm::find()?;
+    if bpf_linker::matches(llvm.major) {
         say("bpf-linker: present");
     } else {
-        println!("setup: building bpf-linker against LLVM 22 (about a minute)");
-        let prefix = output("llvm-config-22", &["--prefix"])
-            .context("llvm-config-22 not found (is llvm-22-dev installed?)")?;
-        cmd::run(cmd::cargo().env("LLVM_PREFIX", prefix.trim()).args([
-            "install",
-            "--locked",
-            "bpf-linker",
-            "--no-default-features",
-            "--features",
-            "llvm-22",
-        ]))
-        .or_else(|_| {
-            // --locked may pin crates that do not build here; retry unlocked.
-            cmd::run(cmd::cargo().env("LLVM_PREFIX", prefix.trim()).args([
-                "install",
-                "bpf-linker",
-                "--no-default-features",
-                "--features",
-                "llvm-22",
-            ]))
-        })?;
-        did.push("cargo install bpf-linker".into());
+        println!(
+            "setup: building bpf-linker against the nightly's LLVM {} (about a minute)",
+            llvm.major
+        );
+        bpf_linker::install(&llvm)?;
+        if !bpf_linker::matches(llvm.major) {
+            bail!(
+                "bpf-linker was installed but is not the one on PATH, or is not linked against \
+                 LLVM {}: check `command -v bpf-linker` and `ldd $(command -v bpf-linker)`",
+                llvm.major
+            );
+        }
+        did.push(format!("cargo install bpf-linker (LLVM {})", llvm.major));
     }
 
     // 4. Python tools for tests and benchmarks, in target/venv.
@@ -202,14 +190,6 @@ fn setup_steps(verbose: bool) -> anyhow::Result<Vec<String>> {
 fn dpkg_installed(pkg: &str) -> bool {
     output("dpkg-query", &["-W", "-f=${Status}", pkg])
         .is_some_and(|s| s.contains("install ok installed"))
-}
-
-fn bpf_linker_ok() -> bool {
-    if !have("bpf-linker") {
-        return false;
-    }
-    // A bpf-linker built against another LLVM fails at run time; make sure it runs.
-    output("bpf-linker", &["--version"]).is_some()
 }
 
 fn is_root() -> bool {
