@@ -835,6 +835,9 @@ pub fn res_gc_sample(_ctx: PerfEventContext) -> u32 {
 
 /// Keeps the innermost frames of this sample as the process's latest.
 #[inline(always)]
+// The index loop has a constant trip count the verifier can bound; a
+// slice copy may become a `memcpy` call, which BPF cannot make.
+#[allow(clippy::needless_range_loop)]
 fn remember_pre(tgid: u32, tid: u32) {
     let Ok(stack) = pystack::walk_current(tgid, tid) else {
         return;
