@@ -100,6 +100,46 @@ fn agent_diagnose_reports_a_deadlock_and_nothing_on_a_healthy_process() {
     }
 }
 
+/// A deadlock that formed before diagnose attached is known from `/proc`
+/// only (the waits sensor never saw its threads block). Its verdict must
+/// stand at every check: it once resolved at the next check (250 ms) and came
+/// back only with the 5 s `/proc` rescan, so in 4 s it was seen once and read
+/// "resolved".
+#[test]
+fn agent_diagnose_keeps_a_deadlock_that_formed_before_it_attached() {
+    if !require_root("agent_diagnose_keeps_a_deadlock_that_formed_before_it_attached") {
+        return;
+    }
+    let py = pythons().into_iter().next().expect("a Python interpreter");
+    let sick = PyProc::start(&py, "deadlock/globals_two_locks.py", &[]);
+    // READY is printed after both threads block; give them time to settle.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let out = pymedic(&[
+        "diagnose",
+        "--pid",
+        &sick.pid().to_string(),
+        "--duration",
+        "4s",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json_stdout(&out);
+    let findings = v["findings"].as_array().unwrap();
+    assert_eq!(findings.len(), 1, "{}: {v}", py.label);
+    let f = &findings[0];
+    assert_eq!(f["kind"], "deadlock");
+    assert_eq!(f["status"], "active", "{}: {f}", py.label);
+    assert!(
+        f["count"].as_u64().unwrap() >= 3,
+        "{}: the verdict did not stand between checks: {f}",
+        py.label
+    );
+}
+
 #[test]
 fn agent_diagnose_rejects_bad_targets() {
     let out = pymedic(&["diagnose", "--pid", "999999999", "--duration", "1s"]);

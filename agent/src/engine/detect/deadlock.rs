@@ -10,8 +10,10 @@
 //! (a transient state never becomes a finding). So a deadlock is reported
 //! about `trigger` + 0.4 s after it forms; `evidence.blocked_for_ms` says
 //! how long its threads had been blocked when it was confirmed. While the
-//! same threads stay blocked on the same addresses the verdict stands
-//! without re-reading; the finding resolves when they move.
+//! same threads stay blocked on the same addresses (in the sensor's view, or
+//! in `/proc/PID/task/TID/syscall` for waits that began before the sensor
+//! saw the process) the verdict stands without re-reading; the finding
+//! resolves when they move.
 //!
 //! Without eBPF (or for threads already blocked before the process was
 //! registered) the check falls back to `/proc`: a thread in a lock deadlock is
@@ -169,6 +171,15 @@ fn indefinite_futex_waiters(pid: u32) -> Result<Vec<(u32, u64)>, DetectError> {
     Ok(out)
 }
 
+/// The futex thread `tid` of `pid` waits on without a timeout, if it does.
+fn untimed_futex_wait(pid: u32, tid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+    match task::parse_syscall(&text)?.futex_wait()? {
+        (addr, false) => Some(addr),
+        (_, true) => None,
+    }
+}
+
 impl DeadlockWatch {
     /// Two snapshots 150 ms apart; the deadlocks both see.
     fn analyze(&mut self) -> Result<Vec<Deadlock>, DetectError> {
@@ -219,11 +230,14 @@ impl Watch for DeadlockWatch {
         if let Some((findings, waits)) = &self.verdict {
             // Still blocked on the same futex is enough (its stack may not
             // have been read yet: the verdict was made from dump snapshots).
+            // A thread that blocked before the sensor saw the process is
+            // not in its view: its wait is read from `/proc`.
             let still = |w: &(u32, u64)| {
                 view.as_ref()
                     .is_some_and(|v| v.blocked.iter().any(|b| !b.timed && (b.tid, b.uaddr) == *w))
+                    || untimed_futex_wait(pid, w.0) == Some(w.1)
             };
-            if view.is_some() && waits.iter().all(still) {
+            if waits.iter().all(still) {
                 return Ok(findings.clone());
             }
             self.verdict = None;
@@ -235,18 +249,19 @@ impl Watch for DeadlockWatch {
             .collect();
         // Threads blocked since before the sensor saw the process (or no
         // sensor at all): from /proc, by (tid, futex).
+        let mut from_proc = Vec::new();
         if self.last_scan.is_none_or(|t| t.elapsed() >= PROC_RESCAN) || view.is_none() {
             self.last_scan = Some(Instant::now());
             let in_sensor: Vec<u32> = view
                 .as_ref()
                 .map(|v| v.blocked.iter().map(|b| b.tid).collect())
                 .unwrap_or_default();
-            pending.extend(
-                indefinite_futex_waiters(pid)?
-                    .into_iter()
-                    .filter(|(tid, _)| !in_sensor.contains(tid))
-                    .filter(|k| !self.quiet.contains(k)),
-            );
+            from_proc = indefinite_futex_waiters(pid)?
+                .into_iter()
+                .filter(|(tid, _)| !in_sensor.contains(tid))
+                .filter(|k| !self.quiet.contains(k))
+                .collect();
+            pending.extend(from_proc.iter().copied());
         }
         tracing::debug!(
             pid,
@@ -279,6 +294,8 @@ impl Watch for DeadlockWatch {
             for t in &d.threads {
                 if let Some(l) = long.iter().find(|l| l.0 == t.tid) {
                     rests_on.push((l.0, l.1));
+                } else if let Some(w) = from_proc.iter().find(|w| w.0 == t.tid) {
+                    rests_on.push(*w);
                 }
             }
             findings.push(f);
