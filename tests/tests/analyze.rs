@@ -191,3 +191,53 @@ fn enrich_explains_a_runtime_fd_leak_of_a_live_process() {
     other.location = Location::new("/nonexistent/x.py", "f", 1);
     assert!(pymedic_analyze::enrich(&other, &root).unwrap().is_empty());
 }
+
+/// A runtime blocked_event_loop is explained only by the static finding of
+/// the same coroutine (or the function it calls), never by another
+/// coroutine's in the same file.
+#[test]
+fn enrich_explains_a_blocked_event_loop_by_its_own_coroutine_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("loop_app.py");
+    std::fs::write(
+        &file,
+        "import asyncio, hashlib, time\n\
+         \n\
+         def load_config():\n\
+         \x20   time.sleep(0.2)\n\
+         \n\
+         def digest(pw, salt):\n\
+         \x20   return hashlib.pbkdf2_hmac('sha256', pw, salt, 200000)\n\
+         \n\
+         async def reload_settings():\n\
+         \x20   load_config()\n\
+         \n\
+         async def login(pw, salt):\n\
+         \x20   return digest(pw, salt)\n",
+    )
+    .unwrap();
+    let name = file.to_string_lossy().into_owned();
+    let runtime = |function: &str, line: u32| {
+        Finding::new(
+            Layer::Temporal,
+            Kind::BLOCKED_EVENT_LOOP,
+            Severity::Medium,
+            0.9,
+            "event loop blocked",
+            None,
+            Location::new(&name, function, line),
+        )
+    };
+    let root = PathBuf::from("/");
+    let related = pymedic_analyze::enrich(&runtime("reload_settings", 10), &root).unwrap();
+    assert!(
+        related
+            .iter()
+            .any(|r| r.role.starts_with("static: ") && r.role.contains("time.sleep")),
+        "{related:#?}"
+    );
+    // The CPU-bound digest is not a known blocking call: nothing static
+    // explains it, and reload_settings' explanation does not belong here.
+    let related = pymedic_analyze::enrich(&runtime("login", 13), &root).unwrap();
+    assert!(related.is_empty(), "{related:#?}");
+}

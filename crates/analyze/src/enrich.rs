@@ -132,6 +132,10 @@ impl Enricher {
             .filter_map(|f| score(f, &runtime).map(|s| (s, f)))
             .collect();
         scored.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.id.cmp(&b.1.id)));
+        // Only the closest matches: a same-line or same-function explanation
+        // makes file-only ones noise.
+        let top = scored.first().map_or(0, |s| s.0);
+        scored.retain(|s| s.0 == top);
         let mut out = Vec::new();
         for (_, f) in scored.into_iter().take(3) {
             out.push(Related {
@@ -199,9 +203,16 @@ fn score(f: &Finding, runtime: &[(String, String, u32)]) -> Option<u32> {
             best = best.max(Some(sc));
         }
     }
-    // A file-only match is enough for leaks and containers, not for locks.
+    // A file-only match is enough for leaks and containers, not for locks or
+    // the event loop (another coroutine in the same file is another cause).
     match best {
-        Some(1) if f.kind == Kind::LOCK_ORDER_INVERSION || f.kind == Kind::DEADLOCK => None,
+        Some(1)
+            if f.kind == Kind::LOCK_ORDER_INVERSION
+                || f.kind == Kind::DEADLOCK
+                || f.kind == Kind::BLOCKED_EVENT_LOOP =>
+        {
+            None
+        }
         b => b,
     }
 }
