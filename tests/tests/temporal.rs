@@ -438,3 +438,31 @@ fn blocked_event_loop_names_the_call_on_uvloop() {
     let r = diagnose_all(&py, &[("temporal/blocked_loop.py", &["--uvloop"])], "16s");
     check_blocked_loop(&py.label, &r["temporal/blocked_loop.py"].1);
 }
+
+/// An incident responder points pymedic at a process that is already hung:
+/// the hang is reported at once, not `threshold` after pymedic attached
+/// (each thread's clock starts when it last ran, from the scheduler).
+#[test]
+fn hang_of_a_process_already_hung_is_reported_at_once() {
+    if !require_root("hang_of_a_process_already_hung_is_reported_at_once") {
+        return;
+    }
+    let py = pythons().into_iter().next().expect("a Python interpreter");
+    let s = "temporal/hang.py";
+    let p = PyProc::start(&py, s, &[]);
+    // Hung for longer than the threshold before pymedic looks.
+    std::thread::sleep(Duration::from_secs(7));
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), "[detectors.hang]\nthreshold = \"6s\"\n").unwrap();
+    let v = diagnose(p.pid(), "3s", config.path());
+    let f = of_kind(&v, "hang");
+    let main = f
+        .iter()
+        .find(|f| f["location"]["line"] == marker(s, "HANG main"))
+        .unwrap_or_else(|| panic!("{}: no hang within 3 s of attaching: {v}", py.label));
+    assert!(
+        main["evidence"]["no_progress_seconds"].as_f64().unwrap() >= 6.0,
+        "{}: {main}",
+        py.label
+    );
+}

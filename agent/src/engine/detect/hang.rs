@@ -10,7 +10,10 @@
 //!
 //! Progress is the kernel's per-thread scheduling counters
 //! (`/proc/PID/task/TID/schedstat`: time on CPU and times scheduled); a
-//! thread whose counters have not moved has not run at all. Only when some
+//! thread whose counters have not moved has not run at all. A thread seen
+//! for the first time is taken as still since it last ran (the scheduler's
+//! `se.exec_start` in `/proc/PID/task/TID/sched`), so a process that was
+//! already hung when pymedic attached is reported at once. Only when some
 //! thread has been still for `threshold` is the process read (the `dump`
 //! engine, without stopping it) to classify the waits. Never hangs: sleeps,
 //! event-loop and selector waits, `accept`, timed waits, `Event.wait` and
@@ -113,6 +116,26 @@ fn read_progress(pid: u32) -> Result<HashMap<u32, Progress>, DetectError> {
             Some((tid, parse_schedstat(&text)?))
         })
         .collect())
+}
+
+/// How long thread `tid` of `pid` has been off the CPU: the scheduler's
+/// `se.exec_start` (when it last ran, in the scheduler's clock, ms) of the
+/// thread against this thread's own, which is running now and so reads
+/// the same clock's present. `None` without `CONFIG_SCHED_DEBUG`.
+fn off_cpu_for(pid: u32, tid: u32) -> Option<Duration> {
+    let then =
+        exec_start_ms(&std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/sched")).ok()?)?;
+    let now = exec_start_ms(&std::fs::read_to_string("/proc/thread-self/sched").ok()?)?;
+    let ms = now - then;
+    (ms.is_finite() && ms > 0.0).then(|| Duration::from_secs_f64(ms / 1000.0))
+}
+
+/// `se.exec_start  :  14589736.603051` in `/proc/.../sched`.
+fn exec_start_ms(text: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("se.exec_start"))
+        .and_then(|rest| rest.split(':').nth(1))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// `run_ns wait_ns timeslices` → (run_ns, timeslices).
@@ -316,8 +339,17 @@ impl Watch for HangWatch {
         for (tid, p) in &now {
             match self.still.get(tid) {
                 Some((prev, _)) if prev == p => {}
-                _ => {
+                Some(_) => {
                     self.still.insert(*tid, (*p, Instant::now()));
+                }
+                // First seen: it may have been still long before we looked
+                // (an incident responder points pymedic at a process that
+                // is already hung), so the clock starts when it last ran.
+                None => {
+                    let since = off_cpu_for(pid, *tid)
+                        .and_then(|d| Instant::now().checked_sub(d))
+                        .unwrap_or_else(Instant::now);
+                    self.still.insert(*tid, (*p, since));
                 }
             }
         }
@@ -374,6 +406,13 @@ impl Watch for HangWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exec_start() {
+        let text = "cat (11950, #threads: 1)\n---\nse.exec_start                                :      14589736.603051\nse.vruntime  :  1.0\n";
+        assert_eq!(exec_start_ms(text), Some(14589736.603051));
+        assert_eq!(exec_start_ms("se.vruntime : 1.0\n"), None);
+    }
 
     #[test]
     fn schedstat() {
