@@ -404,6 +404,7 @@ fn temporal_detectors_stay_quiet_on_healthy_programs() {
         let programs: &[(&str, &[&str], &[&str])] = &[
             ("healthy/contended.py", &[], ORDERLY),
             ("healthy/thread_pool.py", &[], ORDERLY),
+            ("healthy/io_pool.py", &[], ALL),
             ("healthy/producer_consumer.py", &[], ALL),
             ("healthy/conditions.py", &[], ALL),
             ("temporal/healthy_asyncio.py", &[], ALL),

@@ -121,13 +121,19 @@ impl LockWindow {
     /// the stacks of long waits and of 1 in 32 short ones, and the others
     /// (no stack) count towards their address once it is known to be a
     /// lock. Sites and holders come from the sampled ones.
-    fn add(&mut self, v: &View, kinds: &mut HashMap<u64, bool>) {
+    fn add(
+        &mut self,
+        v: &View,
+        kinds: &mut HashMap<u64, bool>,
+        sources: &mut SourceCache,
+        pid: u32,
+    ) {
         let in_gil = |a: u64| v.gil.is_some_and(|(s, e)| a >= s && a < e);
         if kinds.len() > MAX_KINDS {
             kinds.clear();
         }
         for w in v.waits.iter().filter(|w| !w.stack.is_empty()) {
-            kinds.insert(w.uaddr, sites::is_lock_wait(&w.stack));
+            kinds.insert(w.uaddr, sites::is_lock_wait_at(&w.stack, sources, pid));
         }
         for w in &v.waits {
             if in_gil(w.uaddr) || kinds.get(&w.uaddr) != Some(&true) {
@@ -193,7 +199,8 @@ impl Watch for ContentionWatch {
             op: "read the waits sensor",
             message: e.to_string(),
         })?;
-        self.window.add(&view, &mut self.kinds);
+        self.window
+            .add(&view, &mut self.kinds, &mut self.sources, cx.target.id.pid);
         let elapsed = self.window_start.elapsed();
         if elapsed >= self.params.window {
             let w = std::mem::take(&mut self.window);

@@ -35,6 +35,37 @@ pub fn is_lock_wait(stack: &[StackFrame]) -> bool {
     }
 }
 
+/// Methods whose wait inside C code is for a signal, not a lock someone
+/// holds: `SimpleQueue.get` (C), a queue's `put`, `join`s and `wait`s.
+const C_SIGNAL_METHODS: &[&str] = &["get", "put", "join", "wait", "wait_for"];
+
+/// [`is_lock_wait`], and not a C method waiting for a signal at the
+/// innermost frame's line: `work_queue.get(block=True)` (a C
+/// `SimpleQueue`, as `concurrent.futures` workers idle on) blocks in a
+/// futex with no Python frame of its own. Read from the target's source;
+/// a line that acquires a lock (`with x:`, `x.acquire()`) stays a lock
+/// wait, and without the source the stack alone decides.
+pub fn is_lock_wait_at(stack: &[StackFrame], sources: &mut SourceCache, pid: u32) -> bool {
+    if !is_lock_wait(stack) {
+        return false;
+    }
+    let Some(top) = stack.first() else {
+        return false;
+    };
+    if is_threading(&top.loc.file) || is_queue(&top.loc.file) {
+        return true;
+    }
+    let Some(src) = sources.get(pid, &top.loc.file) else {
+        return true;
+    };
+    if !src.acquiring_at(top.loc.line).is_empty() {
+        return true;
+    }
+    !src.method_calls_at(top.loc.line)
+        .iter()
+        .any(|(m, _, _)| C_SIGNAL_METHODS.contains(&m.as_str()))
+}
+
 /// The innermost frame outside `threading`/`queue`: where the program
 /// acquires (a lock taken inside `logging` is acquired there).
 pub fn acquire_site(stack: &[StackFrame]) -> Option<Location> {
@@ -108,6 +139,34 @@ mod tests {
             loc: Location::new(file, func, 1),
             flags: 0,
         }
+    }
+
+    #[test]
+    fn a_c_queue_get_is_not_a_lock_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pool.py");
+        std::fs::write(
+            &file,
+            "def worker(q, lock, cache):\n    item = q.get(block=True)\n    with lock:\n        pass\n    lock.acquire()\n    x = cache.lookup(item)\n",
+        )
+        .unwrap();
+        let name = file.to_string_lossy().into_owned();
+        let at = |line| StackFrame {
+            loc: Location::new(&name, "worker", line),
+            flags: 0,
+        };
+        let mut sources = SourceCache::new();
+        let pid = std::process::id();
+        assert!(!is_lock_wait_at(&[at(2)], &mut sources, pid));
+        assert!(is_lock_wait_at(&[at(3)], &mut sources, pid));
+        assert!(is_lock_wait_at(&[at(5)], &mut sources, pid));
+        assert!(is_lock_wait_at(&[at(6)], &mut sources, pid));
+        // Without the source, the stack alone decides.
+        let gone = StackFrame {
+            loc: Location::new("/nonexistent/pool.py", "worker", 2),
+            flags: 0,
+        };
+        assert!(is_lock_wait_at(&[gone], &mut sources, pid));
     }
 
     #[test]
