@@ -179,17 +179,30 @@ pub fn render(s: &Snapshot, a: &Analysis) -> String {
             }
         );
         for th in &d.threads {
-            let _ = writeln!(
-                o,
-                "  thread {:?} (tid {}) waits at {}\n      for {} ({:?} {}) held by {}",
-                th.name,
-                th.tid,
-                th.waiting_at,
-                th.waiting_for.lock.name,
-                th.waiting_for.lock.kind,
-                th.waiting_for.lock.id,
-                name_of(th.waiting_for.holder_tid)
-            );
+            let lock = &th.waiting_for.lock;
+            if lock.id.starts_with("thread:") {
+                // A join: the joined thread ends only when it stops waiting.
+                let _ = writeln!(
+                    o,
+                    "  thread {:?} (tid {}) waits at {}\n      for thread {} to end (join)",
+                    th.name,
+                    th.tid,
+                    th.waiting_at,
+                    name_of(th.waiting_for.holder_tid)
+                );
+            } else {
+                let _ = writeln!(
+                    o,
+                    "  thread {:?} (tid {}) waits at {}\n      for {} ({:?} {}) held by {}",
+                    th.name,
+                    th.tid,
+                    th.waiting_at,
+                    lock.name,
+                    lock.kind,
+                    lock.id,
+                    name_of(th.waiting_for.holder_tid)
+                );
+            }
             for h in &th.holds {
                 let _ = writeln!(
                     o,

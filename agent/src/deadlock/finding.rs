@@ -42,10 +42,17 @@ pub fn to_finding(d: &Deadlock, target: &Target) -> Finding {
     for t in &d.threads {
         f.related.push(Related::new(
             &t.waiting_at,
-            format!(
-                "thread {} ({}) waits for {} held by {}",
-                t.name, t.tid, t.waiting_for.lock.name, t.waiting_for.holder_tid
-            ),
+            if t.waiting_for.lock.id.starts_with("thread:") {
+                format!(
+                    "thread {} ({}) joins thread {}, which does not end",
+                    t.name, t.tid, t.waiting_for.holder_tid
+                )
+            } else {
+                format!(
+                    "thread {} ({}) waits for {} held by {}",
+                    t.name, t.tid, t.waiting_for.lock.name, t.waiting_for.holder_tid
+                )
+            },
         ));
         for h in &t.holds {
             f.related.push(Related::new(

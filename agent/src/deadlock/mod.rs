@@ -3,7 +3,8 @@
 //!
 //! Each thread blocked acquiring a lock gets a wait-for edge to the lock's
 //! holder — the recorded owner of an `RLock`, or the one thread whose frames
-//! hold a `Lock` (see [`crate::dump::locks`]). A cycle of edges is a
+//! hold a `Lock` (see [`crate::dump::locks`]); a thread in an untimed
+//! `Thread.join` gets an edge to the thread it joins. A cycle of edges is a
 //! deadlock (a thread waiting for a lock it holds itself is a cycle of
 //! one). Edges that end at a thread which is not waiting for a lock (it
 //! sleeps, does I/O, runs) form a *chain*: reported, not a deadlock.
@@ -86,9 +87,31 @@ pub struct Analysis {
     pub holders: HashMap<u32, u32>,
 }
 
-/// The holder of the lock `waiter` waits for, if it can be told.
+/// The holder of the lock `waiter` waits for, if it can be told. An
+/// untimed `Thread.join` is one too: it acquires the joined thread's
+/// `_tstate_lock`, which that thread holds until it ends.
 fn holder_of(s: &Snapshot, waiter: &ThreadDump) -> Option<(u32, LockRef)> {
     let w = waiter.waiting.as_ref()?;
+    if w.kind == WaitKind::Join && !w.timed {
+        let target = w.target_tid.filter(|&t| t != waiter.tid)?;
+        let name = s
+            .threads
+            .iter()
+            .find(|t| t.tid == target)
+            .map_or_else(|| target.to_string(), |t| t.name.clone());
+        return Some((
+            target,
+            LockRef {
+                id: format!("thread:{target}"),
+                kind: LockKind::Lock,
+                name: format!("the end of thread {name} (join)"),
+                futex: w.lock.as_ref().map(|l| l.futex.clone()).unwrap_or_default(),
+                owner_tid: None,
+                count: None,
+                locked: Some(true),
+            },
+        ));
+    }
     if w.kind != WaitKind::Lock {
         return None;
     }
@@ -154,6 +177,13 @@ pub fn analyze(s: &Snapshot) -> Analysis {
     for &start in &starts {
         if in_cycle.contains(&start) || out.holders.values().any(|&h| h == start) {
             continue; // chains start at waiters nobody waits behind
+        }
+        if by_tid
+            .get(&start)
+            .and_then(|t| t.waiting.as_ref())
+            .is_some_and(|w| w.kind == WaitKind::Join)
+        {
+            continue; // joining a thread that still works is not blocked
         }
         let mut tids = vec![start];
         let mut cur = start;
@@ -326,7 +356,9 @@ pub fn confirm(previous: &[Deadlock], current: Vec<Deadlock>) -> Vec<Deadlock> {
 /// Fills each lock wait's `holder_tid` from an analysis.
 pub fn annotate(s: &mut Snapshot, a: &Analysis) {
     for t in &mut s.threads {
-        if let (Some(w), Some(h)) = (t.waiting.as_mut(), a.holders.get(&t.tid)) {
+        if let (Some(w), Some(h)) = (t.waiting.as_mut(), a.holders.get(&t.tid))
+            && w.kind == WaitKind::Lock
+        {
             w.holder_tid = Some(*h);
         }
     }
