@@ -1,11 +1,21 @@
 //! A [`Deadlock`] as a `deadlock` [`Finding`] (INTERFACE.md): located at the
-//! first waiting site, with every wait and acquisition site as `related`,
+//! first waiting site in the program's own code, with every wait and acquisition site as `related`,
 //! the threads' stacks, and the lock identities as evidence.
 
-use pymedic_model::{Finding, Kind, Layer, Related, Severity, Stack, Target};
+use pymedic_model::{Finding, Kind, Layer, Location, Related, Severity, Stack, Target};
 use serde_json::json;
 
-use super::Deadlock;
+use super::{Deadlock, DeadlockThread};
+use crate::dump::wait::is_stdlib;
+
+/// The innermost frame of `t`'s stack in the program (outside the standard
+/// library), when its wait is in library code.
+fn program_site(t: &DeadlockThread) -> Option<Location> {
+    t.stack
+        .iter()
+        .find(|l| !is_stdlib(&l.file) && !l.file.starts_with('<'))
+        .cloned()
+}
 
 /// Converts a verdict about `target` into a finding.
 pub fn to_finding(d: &Deadlock, target: &Target) -> Finding {
@@ -25,6 +35,16 @@ pub fn to_finding(d: &Deadlock, target: &Target) -> Finding {
             locks.join(", ")
         )
     };
+    // Located in the program: the first wait in its own code, else the
+    // program line that called into the library that waits (a `logging`
+    // handler's lock taken under `log.info(...)`).
+    let location = d
+        .threads
+        .iter()
+        .find(|t| !is_stdlib(&t.waiting_at.file))
+        .map(|t| t.waiting_at.clone())
+        .or_else(|| program_site(first))
+        .unwrap_or_else(|| first.waiting_at.clone());
     let mut f = Finding::new(
         Layer::Temporal,
         Kind::DEADLOCK,
@@ -32,7 +52,7 @@ pub fn to_finding(d: &Deadlock, target: &Target) -> Finding {
         d.confidence,
         title,
         Some(target.clone()),
-        first.waiting_at.clone(),
+        location,
     );
     let key: Vec<String> = super::key(d)
         .into_iter()
@@ -54,6 +74,17 @@ pub fn to_finding(d: &Deadlock, target: &Target) -> Finding {
                 )
             },
         ));
+        if is_stdlib(&t.waiting_at.file)
+            && let Some(site) = program_site(t)
+        {
+            f.related.push(Related::new(
+                &site,
+                format!(
+                    "thread {} ({}) waits inside {} called here",
+                    t.name, t.tid, t.waiting_at.function
+                ),
+            ));
+        }
         for h in &t.holds {
             f.related.push(Related::new(
                 &h.acquired_at,
