@@ -194,6 +194,13 @@ fn check_deadlock(case: &DeadlockCase, v: &Value) -> Result<(), String> {
                 "{name} waits for holder {holder}, not in the cycle"
             ));
         }
+        // `self.x` is named by the class of `self` (`Registry._lock`).
+        let lock_name = t["waiting_for"]["lock"]["name"].as_str().unwrap_or("");
+        if lock_name.starts_with("self.") {
+            return Err(format!(
+                "{name}: lock named {lock_name:?}, not by its class"
+            ));
+        }
         if !case.lock_type.is_empty() && t["waiting_for"]["lock"]["type"] != case.lock_type {
             return Err(format!(
                 "{name}: lock type {}",

@@ -35,6 +35,25 @@ impl<M: ProcessMemory> Locks<'_, M> {
         self.lock_ref_depth(obj, name, 2)
     }
 
+    /// `name` with a leading `self.` replaced by the class of `self` in
+    /// `frame` (`self.lock` → `Inventory.lock`): two classes' `self.lock`
+    /// are different locks, and a person names them by their class.
+    pub fn qualified(&self, frame: &Frame, name: &str) -> String {
+        let Some(attr) = name.strip_prefix("self.") else {
+            return name.to_owned();
+        };
+        let class = self
+            .interp
+            .lookup_name(frame, "self")
+            .ok()
+            .flatten()
+            .and_then(|slf| self.interp.type_name(slf).ok());
+        match class {
+            Some(c) => format!("{}.{attr}", c.rsplit('.').next().unwrap_or(&c)),
+            None => name.to_owned(),
+        }
+    }
+
     fn lock_ref_depth(&self, obj: u64, name: &str, depth: u32) -> Option<LockRef> {
         let i = self.interp;
         let l = &i.layout().lock;
@@ -137,7 +156,7 @@ impl<M: ProcessMemory> Locks<'_, M> {
                 let Some(obj) = eval(self.interp, frame, &site.expr) else {
                     continue;
                 };
-                let Some(lock) = self.lock_ref(obj, &site.text) else {
+                let Some(lock) = self.lock_ref(obj, &self.qualified(frame, &site.text)) else {
                     continue;
                 };
                 if released.contains(&lock.id) {

@@ -272,7 +272,9 @@ impl<M: ProcessMemory> Classifier<'_, M> {
             if let Some(src) = sources.get(self.pid, &frame.code.filename) {
                 for site in src.acquiring_at(frame.line) {
                     if let Some(obj) = eval(i, frame, &site.expr)
-                        && let Some(lock) = self.locks.lock_ref(obj, &site.text)
+                        && let Some(lock) = self
+                            .locks
+                            .lock_ref(obj, &self.locks.qualified(frame, &site.text))
                         && Locks::<M>::futex(&lock) == futex
                     {
                         return Some(lock);
@@ -292,7 +294,10 @@ impl<M: ProcessMemory> Classifier<'_, M> {
             }
             if let Ok(attrs) = i.instance_attrs(slot.value) {
                 for (k, v) in attrs.into_iter().take(64) {
-                    let name = format!("{}.{}", slot.name, i.read_str(k).unwrap_or_default());
+                    let name = self.locks.qualified(
+                        top,
+                        &format!("{}.{}", slot.name, i.read_str(k).unwrap_or_default()),
+                    );
                     if let Some(lock) = self.locks.lock_ref(v, &name)
                         && Locks::<M>::futex(&lock) == futex
                     {
