@@ -236,8 +236,15 @@ fn enrich_explains_a_blocked_event_loop_by_its_own_coroutine_only() {
             .any(|r| r.role.starts_with("static: ") && r.role.contains("time.sleep")),
         "{related:#?}"
     );
-    // The CPU-bound digest is not a known blocking call: nothing static
-    // explains it, and reload_settings' explanation does not belong here.
+    // login blocks in the key derivation; reload_settings' sleep does not
+    // explain it.
     let related = pymedic_analyze::enrich(&runtime("login", 13), &root).unwrap();
-    assert!(related.is_empty(), "{related:#?}");
+    assert!(
+        related.iter().any(|r| r.role.contains("pbkdf2_hmac")),
+        "{related:#?}"
+    );
+    assert!(
+        related.iter().all(|r| !r.role.contains("time.sleep")),
+        "{related:#?}"
+    );
 }

@@ -1,5 +1,6 @@
 //! Blocking calls inside `async def`: a call that blocks the thread
 //! (`time.sleep`, `requests.get`, `subprocess.run`, socket and file I/O,
+//! slow key derivation such as `hashlib.pbkdf2_hmac`,
 //! thread locks) made from a coroutine stops every other task on its event
 //! loop. Found directly in the coroutine, or through any chain of
 //! synchronous project functions it calls.
@@ -68,6 +69,12 @@ pub fn blocking_call(q: &str) -> Option<(Severity, Fix)> {
         | "ftplib.FTP" => (High, Fix::ToThread),
         "open" | "io.open" | "shutil.copy" | "shutil.copy2" | "shutil.copyfile"
         | "shutil.copytree" | "shutil.rmtree" | "shutil.move" => (Medium, Fix::ToThread),
+        // Deliberately slow key derivation: tens to hundreds of ms of CPU.
+        "hashlib.pbkdf2_hmac"
+        | "hashlib.scrypt"
+        | "bcrypt.hashpw"
+        | "bcrypt.checkpw"
+        | "bcrypt.kdf" => (Medium, Fix::ToThread),
         _ => match head {
             "requests" | "requests.api" | "httpx" if net(method) => (High, Fix::ToThread),
             "requests.Session" | "requests.sessions.Session" | "httpx.Client" if net(method) => {
@@ -145,9 +152,11 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
         for (c, callee) in f.calls.iter().zip(&callees[i]) {
             match callee {
                 Callee::External(q) if !c.awaited => {
+                    // The most severe blocking call of the function names it
+                    // (`time.sleep` over the `open` before it).
                     if let Some((severity, fix)) = blocking_call(q)
                         && !f.is_async
-                        && blocks[i].is_none()
+                        && blocks[i].as_ref().is_none_or(|b| severity > b.severity)
                     {
                         blocks[i] = Some(Block {
                             what: q.to_string(),
@@ -257,6 +266,14 @@ fn report(
         ));
     }
     let transitive = !b.chain.is_empty();
+    // The coroutine calls a synchronous project function that sleeps: that
+    // call moves to a thread (only a direct `time.sleep` becomes
+    // `asyncio.sleep`).
+    let fix = if transitive && b.fix == Fix::AsyncSleep {
+        Fix::ToThread
+    } else {
+        b.fix
+    };
     let title = if transitive {
         format!(
             "coroutine {} calls {} which blocks the event loop in {}",
@@ -281,7 +298,7 @@ fn report(
             "coroutine": f.qualname,
             "call": callee_text,
             "blocking": b.what,
-            "fix": b.fix.as_str(),
+            "fix": fix.as_str(),
             "transitive": transitive,
             "call_range": [start, end],
             "chain": b.chain.iter().map(|(fid, l)| {
