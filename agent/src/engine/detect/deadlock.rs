@@ -160,11 +160,8 @@ fn indefinite_futex_waiters(pid: u32) -> Result<Vec<(u32, u64)>, DetectError> {
         let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
             continue;
         };
-        let path = entry.path().join("syscall");
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            continue; // exited meanwhile
-        };
-        if let Some((addr, false)) = task::parse_syscall(&text).and_then(|s| s.futex_wait()) {
+        // A thread that exited meanwhile has no wait.
+        if let Some(addr) = untimed_futex_wait(pid, tid) {
             out.push((tid, addr));
         }
     }
