@@ -180,7 +180,7 @@ pub fn render(s: &Snapshot, a: &Analysis) -> String {
         );
         for th in &d.threads {
             let lock = &th.waiting_for.lock;
-            if lock.id.starts_with("thread:") {
+            if lock.is_thread_end() {
                 // A join: the joined thread ends only when it stops waiting.
                 let _ = writeln!(
                     o,

@@ -62,7 +62,7 @@ pub fn to_finding(d: &Deadlock, target: &Target) -> Finding {
     for t in &d.threads {
         f.related.push(Related::new(
             &t.waiting_at,
-            if t.waiting_for.lock.id.starts_with("thread:") {
+            if t.waiting_for.lock.is_thread_end() {
                 format!(
                     "thread {} ({}) joins thread {}, which does not end",
                     t.name, t.tid, t.waiting_for.holder_tid

@@ -99,18 +99,8 @@ fn holder_of(s: &Snapshot, waiter: &ThreadDump) -> Option<(u32, LockRef)> {
             .iter()
             .find(|t| t.tid == target)
             .map_or_else(|| target.to_string(), |t| t.name.clone());
-        return Some((
-            target,
-            LockRef {
-                id: format!("thread:{target}"),
-                kind: LockKind::Lock,
-                name: format!("the end of thread {name} (join)"),
-                futex: w.lock.as_ref().map(|l| l.futex.clone()).unwrap_or_default(),
-                owner_tid: None,
-                count: None,
-                locked: Some(true),
-            },
-        ));
+        let futex = w.lock.as_ref().map(|l| l.futex.clone()).unwrap_or_default();
+        return Some((target, LockRef::thread_end(target, &name, futex)));
     }
     if w.kind != WaitKind::Lock {
         return None;

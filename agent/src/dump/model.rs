@@ -199,6 +199,30 @@ pub struct LockRef {
     pub locked: Option<bool>,
 }
 
+/// Identity prefix of the lock a `Thread.join` waits for.
+const THREAD_END: &str = "thread:";
+
+impl LockRef {
+    /// What an untimed `Thread.join` of thread `tid` (named `name`) waits
+    /// for: that thread's `_tstate_lock`, held until it ends.
+    pub fn thread_end(tid: u32, name: &str, futex: String) -> LockRef {
+        LockRef {
+            id: format!("{THREAD_END}{tid}"),
+            kind: LockKind::Lock,
+            name: format!("the end of thread {name} (join)"),
+            futex,
+            owner_tid: None,
+            count: None,
+            locked: Some(true),
+        }
+    }
+
+    /// True for [`LockRef::thread_end`]: a join, not a program's lock.
+    pub fn is_thread_end(&self) -> bool {
+        self.id.starts_with(THREAD_END)
+    }
+}
+
 /// A lock a thread holds and where it took it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Held {
