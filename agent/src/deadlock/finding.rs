@@ -6,15 +6,12 @@ use pymedic_model::{Finding, Kind, Layer, Location, Related, Severity, Stack, Ta
 use serde_json::json;
 
 use super::{Deadlock, DeadlockThread};
-use crate::dump::wait::is_stdlib;
+use crate::dump::wait::{is_program, is_stdlib};
 
 /// The innermost frame of `t`'s stack in the program (outside the standard
 /// library), when its wait is in library code.
 fn program_site(t: &DeadlockThread) -> Option<Location> {
-    t.stack
-        .iter()
-        .find(|l| !is_stdlib(&l.file) && !l.file.starts_with('<'))
-        .cloned()
+    t.stack.iter().find(|l| is_program(&l.file)).cloned()
 }
 
 /// Converts a verdict about `target` into a finding.

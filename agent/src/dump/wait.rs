@@ -341,6 +341,12 @@ fn location(f: &Frame) -> Location {
     Location::new(f.code.filename.clone(), f.code.function(), f.line)
 }
 
+/// A file of the program or its installed packages: neither the standard
+/// library nor generated code (`<string>`).
+pub fn is_program(filename: &str) -> bool {
+    !is_stdlib(filename) && !filename.starts_with('<')
+}
+
 /// A file of the standard library (`.../lib/python3.X/...` outside
 /// `site-packages`), or frozen bootstrap code.
 pub fn is_stdlib(filename: &str) -> bool {

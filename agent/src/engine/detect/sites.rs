@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::dump::locks::{is_queue, is_threading};
 use crate::dump::source::SourceCache;
-use crate::dump::wait::is_stdlib;
+use crate::dump::wait::is_program;
 use crate::waits::StackFrame;
 
 /// `threading` functions whose futex wait is waiting for an event, not
@@ -80,7 +80,7 @@ pub fn acquire_site(stack: &[StackFrame]) -> Option<Location> {
 pub fn program_site(stack: &[StackFrame]) -> Option<Location> {
     stack
         .iter()
-        .find(|f| !is_stdlib(&f.loc.file) && !f.loc.file.starts_with('<'))
+        .find(|f| is_program(&f.loc.file))
         .map(|f| f.loc.clone())
         .or_else(|| acquire_site(stack))
 }
