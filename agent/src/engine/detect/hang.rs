@@ -118,15 +118,19 @@ fn read_progress(pid: u32) -> Result<HashMap<u32, Progress>, DetectError> {
         .collect())
 }
 
-/// How long thread `tid` of `pid` has been off the CPU: the scheduler's
-/// `se.exec_start` (when it last ran, in the scheduler's clock, ms) of the
-/// thread against this thread's own, which is running now and so reads
-/// the same clock's present. `None` without `CONFIG_SCHED_DEBUG`.
-fn off_cpu_for(pid: u32, tid: u32) -> Option<Duration> {
+/// The scheduler clock's present (ms): this thread's own `se.exec_start`,
+/// which is running now. `None` without `CONFIG_SCHED_DEBUG`.
+fn sched_now_ms() -> Option<f64> {
+    exec_start_ms(&std::fs::read_to_string("/proc/thread-self/sched").ok()?)
+}
+
+/// How long thread `tid` of `pid` has been off the CPU at `now_ms` (from
+/// [`sched_now_ms`]): its `se.exec_start` is when it last ran, in the
+/// scheduler's clock.
+fn off_cpu_for(pid: u32, tid: u32, now_ms: f64) -> Option<Duration> {
     let then =
         exec_start_ms(&std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/sched")).ok()?)?;
-    let now = exec_start_ms(&std::fs::read_to_string("/proc/thread-self/sched").ok()?)?;
-    let ms = now - then;
+    let ms = now_ms - then;
     (ms.is_finite() && ms > 0.0).then(|| Duration::from_secs_f64(ms / 1000.0))
 }
 
@@ -336,6 +340,12 @@ impl Watch for HangWatch {
         let pid = cx.target.id.pid;
         let now = read_progress(pid)?;
         self.still.retain(|tid, _| now.contains_key(tid));
+        // Read once per check, and only when a thread is new.
+        let sched_now = now
+            .keys()
+            .any(|t| !self.still.contains_key(t))
+            .then(sched_now_ms)
+            .flatten();
         for (tid, p) in &now {
             match self.still.get(tid) {
                 Some((prev, _)) if prev == p => {}
@@ -346,7 +356,8 @@ impl Watch for HangWatch {
                 // (an incident responder points pymedic at a process that
                 // is already hung), so the clock starts when it last ran.
                 None => {
-                    let since = off_cpu_for(pid, *tid)
+                    let since = sched_now
+                        .and_then(|n| off_cpu_for(pid, *tid, n))
                         .and_then(|d| Instant::now().checked_sub(d))
                         .unwrap_or_else(Instant::now);
                     self.still.insert(*tid, (*p, since));
