@@ -120,7 +120,15 @@ const ATTEMPTS: u32 = 5;
 impl Dumper {
     /// Recognises `pid` as CPython and prepares to read it.
     pub fn new(pid: u32) -> Result<Dumper, DumpError> {
-        let process = pymedic_python::inspect(pid)?;
+        Dumper::for_process(pymedic_python::inspect(pid)?)
+    }
+
+    /// Prepares to read a process already recognised as CPython (an agent's
+    /// target), without parsing its interpreter's ELF file again: with many
+    /// short-lived processes (a pre-fork server, a job runner) that parse
+    /// was most of a new target's cost, once per detector.
+    pub fn for_process(process: PythonProcess) -> Result<Dumper, DumpError> {
+        let pid = process.pid;
         let interp = Interpreter::for_process(LiveMemory::new(pid), &process)
             .map_err(|e| DumpError::from_read(pid, e))?;
         let info = crate::procinfo::read(pid).ok();

@@ -95,11 +95,14 @@ impl MemoryTracker {
         self.heap_error.as_deref()
     }
 
-    /// Samples everything (at most every `min_interval`); walks the heap's
-    /// roots again every `rescan`. `session` must have been polled.
-    pub fn update(&mut self, session: &Session, min_interval: Duration, rescan: Duration) -> bool {
+    /// Samples the counters (at most every `min_interval`): resident size,
+    /// and from `session` (polled, and shared by every target: hold its
+    /// lock only for this) the arenas, faults and allocation growth.
+    /// Returns the sample's time when one was taken; hand it to
+    /// [`MemoryTracker::sample_heap`] once the session's lock is released.
+    pub fn sample_counters(&mut self, session: &Session, min_interval: Duration) -> Option<f64> {
         if self.last_update.is_some_and(|t| t.elapsed() < min_interval) {
-            return false;
+            return None;
         }
         self.last_update = Some(Instant::now());
         let t = self.now();
@@ -111,6 +114,13 @@ impl MemoryTracker {
             .push(t, s.arena_mapped as f64 - s.arena_unmapped as f64);
         self.faults.push(t, s.faults as f64);
         self.take_growth(t, session.growth(self.pid));
+        Some(t)
+    }
+
+    /// Samples the heap's containers at `t`, walking the heap's roots again
+    /// every `rescan`. A walk reads the whole heap: it must not hold the
+    /// resource session, or every other target's checks wait for it.
+    pub fn sample_heap(&mut self, t: f64, rescan: Duration) {
         if let Some(h) = self.heap.as_mut() {
             if self.last_scan.is_none_or(|s| s.elapsed() >= rescan) {
                 self.last_scan = Some(Instant::now());
@@ -120,7 +130,6 @@ impl MemoryTracker {
             }
             h.sample(t);
         }
-        true
     }
 
     fn take_growth(&mut self, t: f64, views: &[GrowthView]) {

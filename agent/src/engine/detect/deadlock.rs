@@ -76,7 +76,7 @@ impl Detector for DeadlockDetector {
     }
 
     fn watch(&self, target: &TargetInfo) -> Result<Option<Box<dyn Watch>>, DetectError> {
-        match Dumper::new(target.id.pid) {
+        match Dumper::for_process(target.process.clone()) {
             Ok(dumper) => {
                 let sensor = match waits::subscribe(dumper.process()) {
                     Ok(s) => Some(s),

@@ -63,7 +63,7 @@ impl Detector for Hang {
         Duration::from_secs(2)
     }
     fn watch(&self, target: &TargetInfo) -> Result<Option<Box<dyn Watch>>, DetectError> {
-        match Dumper::new(target.id.pid) {
+        match Dumper::for_process(target.process.clone()) {
             Ok(dumper) => Ok(Some(Box::new(HangWatch {
                 dumper,
                 threshold: self.threshold,

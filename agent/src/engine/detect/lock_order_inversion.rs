@@ -81,7 +81,7 @@ impl Detector for LockOrderInversion {
         self.interval
     }
     fn watch(&self, target: &TargetInfo) -> Result<Option<Box<dyn Watch>>, DetectError> {
-        let dumper = match Dumper::new(target.id.pid) {
+        let dumper = match Dumper::for_process(target.process.clone()) {
             Ok(d) => d,
             Err(
                 DumpError::Exited { pid } | DumpError::Inspect(InspectError::NoSuchProcess { pid }),

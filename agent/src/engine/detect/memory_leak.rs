@@ -373,13 +373,19 @@ impl MemWatch {
 impl Watch for MemWatch {
     fn check(&mut self, cx: &CheckContext<'_>) -> Result<Vec<Finding>, DetectError> {
         let session = self.session.clone();
-        let mut session = session.lock().unwrap_or_else(|e| e.into_inner());
-        session
-            .poll()
-            .map_err(|e| err(NAME, "read the eBPF maps", e))?;
         let tracker = self.tracker.clone();
         let mut tracker = tracker.lock().unwrap_or_else(|e| e.into_inner());
-        tracker.update(&session, Duration::from_millis(1500), self.params.rescan);
+        let sampled = {
+            let mut session = session.lock().unwrap_or_else(|e| e.into_inner());
+            session
+                .poll()
+                .map_err(|e| err(NAME, "read the eBPF maps", e))?;
+            tracker.sample_counters(&session, Duration::from_millis(1500))
+        };
+        if let Some(t) = sampled {
+            tracker.sample_heap(t, self.params.rescan);
+        }
+        let mut session = session.lock().unwrap_or_else(|e| e.into_inner());
         if tracker.heap.is_none() {
             tracing::debug!(
                 pid = self.pid,

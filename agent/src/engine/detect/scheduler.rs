@@ -114,6 +114,9 @@ struct Done {
     cost_ns: u64,
     setup_ns: u64,
     at: Timestamp,
+    /// Wall time the check took, and how long after its due time it began.
+    wall: Duration,
+    late: Duration,
 }
 
 /// Heap entry: (due, generation, target, slot).
@@ -265,7 +268,9 @@ impl Scheduler {
             let entry = self.entries[det].clone();
             let done_tx = self.done_tx.clone();
             self.running += 1;
+            let late = now.saturating_duration_since(due);
             tokio::task::spawn_blocking(move || {
+                let w0 = Instant::now();
                 let t0 = thread_cpu_ns();
                 let (watch, started, result, setup_ns, at) =
                     run_check(&entry, &info, watch, started, since_last);
@@ -282,6 +287,8 @@ impl Scheduler {
                     cost_ns,
                     setup_ns,
                     at,
+                    wall: w0.elapsed(),
+                    late,
                 });
             });
         }
@@ -388,6 +395,8 @@ impl Scheduler {
             detector = entry.detector.name(),
             cost_ms = done.cost_ns as f64 / 1e6,
             setup_ms = done.setup_ns as f64 / 1e6,
+            wall_ms = done.wall.as_secs_f64() * 1e3,
+            late_ms = done.late.as_secs_f64() * 1e3,
             failures,
             next_in = ?delay,
             "check done"
