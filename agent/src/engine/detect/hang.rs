@@ -11,9 +11,10 @@
 //! Progress is the kernel's per-thread scheduling counters
 //! (`/proc/PID/task/TID/schedstat`: time on CPU and times scheduled); a
 //! thread whose counters have not moved has not run at all. A thread seen
-//! for the first time is taken as still since it last ran (the scheduler's
-//! `se.exec_start` in `/proc/PID/task/TID/sched`), so a process that was
-//! already hung when pymedic attached is reported at once. Only when some
+//! for the first time whose counters the next check finds unmoved is taken
+//! as still since it last ran (the scheduler's `se.exec_start` in
+//! `/proc/PID/task/TID/sched`), so a process that was already hung when
+//! pymedic attached is reported at the second check. Only when some
 //! thread has been still for `threshold` is the process read (the `dump`
 //! engine, without stopping it) to classify the waits. Never hangs: sleeps,
 //! event-loop and selector waits, `accept`, timed waits, `Event.wait` and
@@ -68,6 +69,7 @@ impl Detector for Hang {
                 dumper,
                 threshold: self.threshold,
                 still: HashMap::new(),
+                last_ran: HashMap::new(),
                 verdict: None,
             }))),
             Err(
@@ -96,6 +98,11 @@ struct HangWatch {
     threshold: Duration,
     /// Per tid: its counters and since when they have not moved.
     still: HashMap<u32, (Progress, Instant)>,
+    /// Per tid first seen: when the scheduler says it last ran. Applied
+    /// only if the next check finds its counters unmoved: the scheduler's
+    /// per-CPU clocks can disagree by seconds (steal, IRQ time), and a busy
+    /// thread once read as still for 3 s.
+    last_ran: HashMap<u32, Instant>,
     /// The standing verdict and the stuck threads it rests on.
     verdict: Option<(Vec<u32>, Vec<Finding>)>,
 }
@@ -346,21 +353,34 @@ impl Watch for HangWatch {
             .any(|t| !self.still.contains_key(t))
             .then(sched_now_ms)
             .flatten();
+        self.last_ran.retain(|tid, _| now.contains_key(tid));
         for (tid, p) in &now {
             match self.still.get(tid) {
-                Some((prev, _)) if prev == p => {}
+                Some((prev, _)) if prev == p => {
+                    // Unmoved since first seen: it was still since it last
+                    // ran, before we looked.
+                    if let Some(ran) = self.last_ran.remove(tid)
+                        && let Some(entry) = self.still.get_mut(tid)
+                    {
+                        entry.1 = entry.1.min(ran);
+                    }
+                }
                 Some(_) => {
+                    self.last_ran.remove(tid);
                     self.still.insert(*tid, (*p, Instant::now()));
                 }
                 // First seen: it may have been still long before we looked
                 // (an incident responder points pymedic at a process that
-                // is already hung), so the clock starts when it last ran.
+                // is already hung), so once the next check confirms it has
+                // not moved, the clock starts when it last ran.
                 None => {
-                    let since = sched_now
+                    if let Some(ran) = sched_now
                         .and_then(|n| off_cpu_for(pid, *tid, n))
                         .and_then(|d| Instant::now().checked_sub(d))
-                        .unwrap_or_else(Instant::now);
-                    self.still.insert(*tid, (*p, since));
+                    {
+                        self.last_ran.insert(*tid, ran);
+                    }
+                    self.still.insert(*tid, (*p, Instant::now()));
                 }
             }
         }
