@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use pymedic_python::PythonProcess;
 
+use super::ResourceError;
 use super::heap::HeapScanner;
 use super::session::{GrowthView, Session};
 use super::trend::Series;
@@ -95,12 +96,30 @@ impl MemoryTracker {
         self.heap_error.as_deref()
     }
 
+    /// One sample: polls `session` (shared by every target), takes the
+    /// counters under its lock, then walks the heap after releasing it.
+    pub fn update(
+        &mut self,
+        session: &Mutex<Session>,
+        min_interval: Duration,
+        rescan: Duration,
+    ) -> Result<(), ResourceError> {
+        let sampled = {
+            let mut session = session.lock().unwrap_or_else(|e| e.into_inner());
+            session.poll()?;
+            self.sample_counters(&session, min_interval)
+        };
+        if let Some(t) = sampled {
+            self.sample_heap(t, rescan);
+        }
+        Ok(())
+    }
+
     /// Samples the counters (at most every `min_interval`): resident size,
     /// and from `session` (polled, and shared by every target: hold its
     /// lock only for this) the arenas, faults and allocation growth.
-    /// Returns the sample's time when one was taken; hand it to
-    /// [`MemoryTracker::sample_heap`] once the session's lock is released.
-    pub fn sample_counters(&mut self, session: &Session, min_interval: Duration) -> Option<f64> {
+    /// Returns the sample's time when one was taken.
+    fn sample_counters(&mut self, session: &Session, min_interval: Duration) -> Option<f64> {
         if self.last_update.is_some_and(|t| t.elapsed() < min_interval) {
             return None;
         }
@@ -120,7 +139,7 @@ impl MemoryTracker {
     /// Samples the heap's containers at `t`, walking the heap's roots again
     /// every `rescan`. A walk reads the whole heap: it must not hold the
     /// resource session, or every other target's checks wait for it.
-    pub fn sample_heap(&mut self, t: f64, rescan: Duration) {
+    fn sample_heap(&mut self, t: f64, rescan: Duration) {
         if let Some(h) = self.heap.as_mut() {
             if self.last_scan.is_none_or(|s| s.elapsed() >= rescan) {
                 self.last_scan = Some(Instant::now());

@@ -375,16 +375,9 @@ impl Watch for MemWatch {
         let session = self.session.clone();
         let tracker = self.tracker.clone();
         let mut tracker = tracker.lock().unwrap_or_else(|e| e.into_inner());
-        let sampled = {
-            let mut session = session.lock().unwrap_or_else(|e| e.into_inner());
-            session
-                .poll()
-                .map_err(|e| err(NAME, "read the eBPF maps", e))?;
-            tracker.sample_counters(&session, Duration::from_millis(1500))
-        };
-        if let Some(t) = sampled {
-            tracker.sample_heap(t, self.params.rescan);
-        }
+        tracker
+            .update(&session, Duration::from_millis(1500), self.params.rescan)
+            .map_err(|e| err(NAME, "read the eBPF maps", e))?;
         let mut session = session.lock().unwrap_or_else(|e| e.into_inner());
         if tracker.heap.is_none() {
             tracing::debug!(

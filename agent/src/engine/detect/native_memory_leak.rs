@@ -115,16 +115,13 @@ impl Watch for NativeWatch {
         let session = self.session.clone();
         let tracker = self.tracker.clone();
         let mut tracker = tracker.lock().unwrap_or_else(|e| e.into_inner());
-        let sampled = {
-            let mut session = session.lock().unwrap_or_else(|e| e.into_inner());
-            session
-                .poll()
-                .map_err(|e| err(NAME, "read the eBPF maps", e))?;
-            tracker.sample_counters(&session, Duration::from_millis(1500))
-        };
-        if let Some(t) = sampled {
-            tracker.sample_heap(t, Duration::from_secs(10));
-        }
+        tracker
+            .update(
+                &session,
+                Duration::from_millis(1500),
+                Duration::from_secs(10),
+            )
+            .map_err(|e| err(NAME, "read the eBPF maps", e))?;
         let t = self.epoch.elapsed().as_secs_f64();
         if let Ok(tids) = crate::procinfo::thread_ids(self.pid) {
             self.threads.push(t, tids.len() as f64);
