@@ -94,6 +94,24 @@ fn analyze_reports_every_kind_with_sites() {
     assert_eq!(out.status.code(), Some(3));
 }
 
+/// The benchmark's floor (`--parse-only`, hidden) reads and parses the
+/// same files as the analysis, and counts the same lines.
+#[test]
+fn parse_only_covers_the_files_the_analysis_reads() {
+    let full = json_stdout(&pymedic(&["analyze", s(&shop()), "--json"]));
+    let out = pymedic(&["analyze", s(&shop()), "--parse-only"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let floor = json_stdout(&out);
+    assert_eq!(floor["files"], full["files"]);
+    assert_eq!(floor["lines"], full["lines"]);
+    assert!(floor["bytes"].as_u64().unwrap() > 0);
+    assert!(floor["seconds"].as_f64().unwrap() > 0.0);
+}
+
 #[test]
 fn analyze_graph_and_impact() {
     let out = pymedic(&["analyze", s(&shop()), "--graph", "dot"]);

@@ -10,7 +10,6 @@ use clap::{Args, ValueEnum};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use pymedic_analyze::{Analysis, ImportGraph, Options};
 use pymedic_model::{Finding, Severity};
-use serde_json::json;
 
 #[derive(Debug, Args)]
 pub struct AnalyzeArgs {
@@ -38,6 +37,10 @@ pub struct AnalyzeArgs {
     /// Parser threads (default: one per CPU).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Benchmarking: only read and parse the files (no analysis) and print
+    /// {"files", "lines", "bytes", "seconds"}: the parser's floor.
+    #[arg(long, hide = true)]
+    pub parse_only: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -55,6 +58,18 @@ fn progress(done: usize, total: usize) {
     }
 }
 
+/// `--json` output, written straight from the analysis (no intermediate
+/// JSON tree).
+#[derive(serde::Serialize)]
+struct Report<'a> {
+    root: &'a std::path::Path,
+    files: usize,
+    lines: u64,
+    seconds: f64,
+    parse_seconds: f64,
+    findings: &'a [&'a Finding],
+}
+
 pub fn run(args: AnalyzeArgs) -> anyhow::Result<ExitCode> {
     let opts = Options {
         threads: args.threads,
@@ -62,6 +77,17 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<ExitCode> {
             .is_terminal()
             .then_some(progress as fn(usize, usize)),
     };
+    if args.parse_only {
+        let p = pymedic_analyze::parse_only(&args.path, &opts)
+            .with_context(|| format!("parse {}", args.path.display()))?;
+        super::print_json(&serde_json::json!({
+            "files": p.files,
+            "lines": p.lines,
+            "bytes": p.bytes,
+            "seconds": p.time.as_secs_f64(),
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let analysis = pymedic_analyze::analyze(&args.path, &opts)
         .with_context(|| format!("analyze {}", args.path.display()))?;
 
@@ -104,14 +130,14 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<ExitCode> {
         .filter(|f| args.kinds.is_empty() || args.kinds.iter().any(|k| k == f.kind.as_str()))
         .collect();
     if args.json {
-        super::print_json(&json!({
-            "root": analysis.root,
-            "files": analysis.files,
-            "lines": analysis.lines,
-            "seconds": analysis.total_time.as_secs_f64(),
-            "parse_seconds": analysis.parse_time.as_secs_f64(),
-            "findings": findings,
-        }))?;
+        super::print_json(&Report {
+            root: &analysis.root,
+            files: analysis.files,
+            lines: analysis.lines,
+            seconds: analysis.total_time.as_secs_f64(),
+            parse_seconds: analysis.parse_time.as_secs_f64(),
+            findings: &findings,
+        })?;
     } else {
         print_table(&analysis, &findings);
     }

@@ -116,9 +116,64 @@ pub fn analyze_files(
     })
 }
 
-/// Parses and extracts every file on `opts.threads` workers. Workers get a
-/// large stack: deeply nested expressions recurse.
+/// Parses and extracts every file on `opts.threads` workers.
 fn parse_all(files: &[SourceFile], opts: &Options) -> Result<(Vec<FileFacts>, u64), AnalyzeError> {
+    let all = on_workers(files, opts, |file| {
+        let (text, n) = read(file);
+        let mut facts = crate::extract::extract(file, text.as_deref().unwrap_or(""));
+        if let Err(e) = text {
+            facts.syntax_errors.push(crate::facts::SyntaxErrorFact {
+                line: 0,
+                message: format!("could not read the file: {e}"),
+            });
+        }
+        (facts, n)
+    })?;
+    let bytes = all.iter().map(|(_, n)| n).sum();
+    Ok((all.into_iter().map(|(f, _)| f).collect(), bytes))
+}
+
+/// What the parser alone costs: the files under `root` read and parsed on
+/// the same workers as [`analyze`], with nothing extracted. The floor under
+/// any analysis built on this parser (`cargo xtask bench analyze` prints it).
+pub fn parse_only(root: &Path, opts: &Options) -> Result<ParseOnly, AnalyzeError> {
+    let files = source::discover(root)?;
+    let started = Instant::now();
+    let all = on_workers(&files, opts, |file| {
+        let (text, n) = read(file);
+        let text = text.unwrap_or_default();
+        let parsed = ruff_python_parser::parse_unchecked_source(
+            &text,
+            ruff_python_ast::PySourceType::Python,
+        );
+        let lines = u64::from(source::LineIndex::new(&text).count(&text));
+        (parsed.errors().len(), lines, n)
+    })?;
+    Ok(ParseOnly {
+        files: files.len(),
+        lines: all.iter().map(|r| r.1).sum(),
+        bytes: all.iter().map(|r| r.2).sum(),
+        time: started.elapsed(),
+    })
+}
+
+/// The result of [`parse_only`].
+#[derive(Clone, Debug)]
+pub struct ParseOnly {
+    pub files: usize,
+    pub lines: u64,
+    pub bytes: u64,
+    pub time: Duration,
+}
+
+/// Runs `work` on every file on `opts.threads` workers; results in the
+/// order of `files`. Workers get a large stack: deeply nested expressions
+/// recurse.
+fn on_workers<T: Send>(
+    files: &[SourceFile],
+    opts: &Options,
+    work: impl Fn(&SourceFile) -> T + Sync,
+) -> Result<Vec<T>, AnalyzeError> {
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {
@@ -128,7 +183,8 @@ fn parse_all(files: &[SourceFile], opts: &Options) -> Result<(Vec<FileFacts>, u6
     let order = largest_first(files);
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
-    let results: Vec<Vec<(usize, FileFacts, u64)>> = std::thread::scope(|s| {
+    let work = &work;
+    let results: Vec<Vec<(usize, T)>> = std::thread::scope(|s| {
         let mut handles = Vec::new();
         for i in 0..threads {
             let handle = std::thread::Builder::new()
@@ -137,9 +193,7 @@ fn parse_all(files: &[SourceFile], opts: &Options) -> Result<(Vec<FileFacts>, u6
                 .spawn_scoped(s, || {
                     let mut out = Vec::new();
                     while let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        let file = &files[i];
-                        let (facts, n) = parse_one(file);
-                        out.push((i, facts, n));
+                        out.push((i, work(&files[i])));
                         let d = done.fetch_add(1, Ordering::Relaxed) + 1;
                         if let Some(p) = opts.progress {
                             p(d, files.len());
@@ -153,14 +207,16 @@ fn parse_all(files: &[SourceFile], opts: &Options) -> Result<(Vec<FileFacts>, u6
         Ok::<_, AnalyzeError>(
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_default())
+                .map(|h| match h.join() {
+                    Ok(out) => out,
+                    Err(panic) => std::panic::resume_unwind(panic),
+                })
                 .collect(),
         )
     })?;
-    let mut all: Vec<(usize, FileFacts, u64)> = results.into_iter().flatten().collect();
-    all.sort_by_key(|(i, _, _)| *i);
-    let bytes = all.iter().map(|(_, _, n)| n).sum();
-    Ok((all.into_iter().map(|(_, f, _)| f).collect(), bytes))
+    let mut all: Vec<(usize, T)> = results.into_iter().flatten().collect();
+    all.sort_by_key(|(i, _)| *i);
+    Ok(all.into_iter().map(|(_, r)| r).collect())
 }
 
 /// File indices, largest file first: workers take the next file as they
@@ -176,7 +232,8 @@ fn largest_first(files: &[SourceFile]) -> Vec<usize> {
     order
 }
 
-fn parse_one(file: &SourceFile) -> (FileFacts, u64) {
+/// A file's text (lossily decoded when it is not UTF-8) and its size.
+fn read(file: &SourceFile) -> (std::io::Result<String>, u64) {
     match std::fs::read(&file.path) {
         Ok(bytes) => {
             let n = bytes.len() as u64;
@@ -184,15 +241,8 @@ fn parse_one(file: &SourceFile) -> (FileFacts, u64) {
             // only a broken file pays for the lossy copy.
             let text = String::from_utf8(bytes)
                 .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-            (crate::extract::extract(file, &text), n)
+            (Ok(text), n)
         }
-        Err(e) => {
-            let mut facts = crate::extract::extract(file, "");
-            facts.syntax_errors.push(crate::facts::SyntaxErrorFact {
-                line: 0,
-                message: format!("could not read the file: {e}"),
-            });
-            (facts, 0)
-        }
+        Err(e) => (Err(e), 0),
     }
 }

@@ -28,7 +28,7 @@ mod report;
 pub mod source;
 pub mod symbols;
 
-pub use driver::{Analysis, Options, analyze, analyze_files};
+pub use driver::{Analysis, Options, ParseOnly, analyze, analyze_files, parse_only};
 pub use enrich::{Enricher, enrich};
 pub use error::AnalyzeError;
 pub use imports::{Impact, ImportGraph};
