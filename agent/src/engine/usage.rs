@@ -115,6 +115,11 @@ impl CpuSample {
         })
     }
 
+    /// How long ago the sample was taken.
+    pub fn age(&self) -> std::time::Duration {
+        self.at.elapsed()
+    }
+
     /// Cores used since `earlier` (1.0 = one core fully busy).
     pub fn cores_since(&self, earlier: &CpuSample) -> f64 {
         let wall = self.at.duration_since(earlier.at).as_secs_f64();

@@ -32,6 +32,11 @@ pub struct MemoryTracker {
     epoch: Instant,
     last_update: Option<Instant>,
     last_scan: Option<Instant>,
+    /// The smallest resident size seen since the last heap walk: growth is
+    /// measured from it, so memory freed and taken again is not growth.
+    rss_since_scan: Option<f64>,
+    /// Heap walks in a row that found the process no bigger.
+    quiet_walks: u32,
     pub heap: Option<HeapScanner>,
     heap_error: Option<String>,
     /// Resident bytes.
@@ -43,6 +48,30 @@ pub struct MemoryTracker {
     prev_growth: HashMap<(u64, u64), u64>,
     /// Growth per update: (seconds, deltas).
     growth: VecDeque<(f64, Vec<GrowthDelta>)>,
+}
+
+/// Resident growth since the last heap walk that makes the next one due
+/// after `rescan`.
+const RESCAN_GROWTH: f64 = (256 << 10) as f64;
+
+/// Without such growth, the gap between walks doubles up to `rescan` times
+/// this.
+const QUIET_RESCAN_FACTOR: u32 = 30;
+
+/// Whether the heap's roots should be walked again, `quiet` walks in a row
+/// having found the process no bigger. A walk only finds new containers:
+/// the ones already found are sampled at every update, so a leak in them
+/// is seen without one. A container that appears later and leaks makes the
+/// process grow, which makes the walk due after `rescan` (10 s by default).
+/// A process that does not grow is walked after 10, 20, 40 … s, then every
+/// `rescan` × 30 (5 min): 25 idle targets cost the agent a tenth of a core
+/// when every one was walked every 10 s.
+fn walk_due(since_last: Option<Duration>, rescan: Duration, grown: bool, quiet: u32) -> bool {
+    let quiet_gap = rescan * (1u32 << quiet.min(5)).min(QUIET_RESCAN_FACTOR);
+    match since_last {
+        None => true,
+        Some(e) => e >= rescan && (grown || e >= quiet_gap),
+    }
 }
 
 /// Trackers by process identity (pid, start ticks), weakly held.
@@ -76,6 +105,8 @@ impl MemoryTracker {
             epoch: Instant::now(),
             last_update: None,
             last_scan: None,
+            rss_since_scan: None,
+            quiet_walks: 0,
             heap,
             heap_error,
             rss: Series::new(256),
@@ -136,13 +167,29 @@ impl MemoryTracker {
         Some(t)
     }
 
-    /// Samples the heap's containers at `t`, walking the heap's roots again
-    /// every `rescan`. A walk reads the whole heap: it must not hold the
-    /// resource session, or every other target's checks wait for it.
+    /// Samples the heap's containers at `t` (cheap: the containers found by
+    /// the last walk), walking the heap's roots again when it is due. A walk
+    /// reads the whole heap: it must not hold the resource session, or
+    /// every other target's checks wait for it.
     fn sample_heap(&mut self, t: f64, rescan: Duration) {
+        let rss = self.rss.last().map(|(_, v)| v);
+        if let (Some(r), Some(low)) = (rss, self.rss_since_scan) {
+            self.rss_since_scan = Some(low.min(r));
+        }
         if let Some(h) = self.heap.as_mut() {
-            if self.last_scan.is_none_or(|s| s.elapsed() >= rescan) {
+            let grown = match (rss, self.rss_since_scan) {
+                (Some(r), Some(low)) => r - low >= RESCAN_GROWTH,
+                _ => true,
+            };
+            let since = self.last_scan.map(|s| s.elapsed());
+            if walk_due(since, rescan, grown, self.quiet_walks) {
+                self.quiet_walks = if grown || since.is_none() {
+                    0
+                } else {
+                    self.quiet_walks.saturating_add(1)
+                };
                 self.last_scan = Some(Instant::now());
+                self.rss_since_scan = rss;
                 if let Err(e) = h.scan() {
                     tracing::debug!(pid = self.pid, "heap scan: {e}");
                 }
@@ -195,4 +242,36 @@ pub fn resident_bytes(pid: u32) -> Option<u64> {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     Some(pages * page.max(4096) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heap_walks_follow_growth_and_back_off_when_quiet() {
+        let rescan = Duration::from_secs(10);
+        let s = Duration::from_secs;
+        assert!(walk_due(None, rescan, false, 0), "the first sample walks");
+        assert!(
+            !walk_due(Some(s(5)), rescan, true, 0),
+            "never sooner than rescan"
+        );
+        assert!(
+            walk_due(Some(s(10)), rescan, true, 7),
+            "growth: after rescan"
+        );
+        assert!(
+            walk_due(Some(s(10)), rescan, false, 0),
+            "first quiet gap: rescan"
+        );
+        assert!(!walk_due(Some(s(19)), rescan, false, 1));
+        assert!(walk_due(Some(s(20)), rescan, false, 1), "then doubling");
+        assert!(walk_due(Some(s(160)), rescan, false, 4));
+        assert!(
+            !walk_due(Some(s(299)), rescan, false, 9),
+            "capped at rescan × 30"
+        );
+        assert!(walk_due(Some(s(300)), rescan, false, 9));
+    }
 }

@@ -7,6 +7,7 @@
 //! → remove the journal. Any failure after the first write restores the
 //! backups. Rollback is the same dance in reverse, from those backups.
 
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -436,15 +437,25 @@ fn verify(store: &Store, plan: &Plan, opts: &ApplyOptions) -> Result<Vec<String>
 }
 
 fn run_with_timeout(repo: &Path, cmd: &str, timeout: Duration) -> Result<String, String> {
-    let mut child = Command::new("sh")
+    let mut command = Command::new("sh");
+    command
         .arg("-c")
         .arg(cmd)
         .current_dir(repo)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("start `{cmd}`: {e}"))?;
+        .stderr(Stdio::piped());
+    // SAFETY: the hook only makes one prctl system call (async-signal-safe)
+    // in the forked child before exec; it allocates nothing.
+    unsafe {
+        command.pre_exec(|| {
+            // The user's command gets the system's huge-page policy back
+            // (pymedic turns it off for itself, and children inherit that).
+            libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|e| format!("start `{cmd}`: {e}"))?;
     let started = Instant::now();
     // Drain output on threads so a chatty command cannot fill the pipe and hang.
     let mut so = child.stdout.take();

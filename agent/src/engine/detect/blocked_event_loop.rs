@@ -280,6 +280,10 @@ impl Watch for LoopWatch {
         // overruns of their own.
         self.blocks
             .retain(|_, b| b.ongoing.is_some() || (b.sum.count > 0 && b.last.elapsed() < hold));
+        if self.blocks.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Thread names cost a read of every thread: only for a finding.
         let names = self.sub.thread_names();
         let mut out = Vec::new();
         for ((tid, site), b) in &self.blocks {

@@ -146,7 +146,8 @@ impl Watch for GilWatch {
         if elapsed >= self.params.window {
             let w = std::mem::take(&mut self.window);
             let was = self.reported.is_some();
-            self.reported = judge(&w, elapsed, &self.params, was, &self.sub.thread_names(), cx);
+            let sub = &self.sub;
+            self.reported = judge(&w, elapsed, &self.params, was, || sub.thread_names(), cx);
             self.window_start = Instant::now();
         }
         Ok(self.reported.iter().cloned().collect())
@@ -158,7 +159,7 @@ fn judge(
     elapsed: Duration,
     p: &Params,
     was: bool,
-    names: &HashMap<u32, String>,
+    names: impl FnOnce() -> HashMap<u32, String>,
     cx: &CheckContext<'_>,
 ) -> Option<Finding> {
     let secs = elapsed.as_secs_f64().max(0.001);
@@ -171,6 +172,8 @@ fn judge(
     if share < threshold || w.waits.count == 0 {
         return None;
     }
+    // Thread names cost a read of every thread: only for a finding.
+    let names = &names();
     let holder = w
         .holders
         .iter()

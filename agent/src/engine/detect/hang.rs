@@ -13,7 +13,8 @@
 //! thread whose counters have not moved has not run at all. A thread seen
 //! for the first time whose counters the next check finds unmoved is taken
 //! as still since it last ran (the scheduler's `se.exec_start` in
-//! `/proc/PID/task/TID/sched`), so a process that was already hung when
+//! `/proc/PID/task/TID/sched`, against the clock of the CPU it ran on),
+//! so a process that was already hung when
 //! pymedic attached is reported at the second check. Only when some
 //! thread has been still for `threshold` is the process read (the `dump`
 //! engine, without stopping it) to classify the waits. Never hangs: sleeps,
@@ -125,19 +126,63 @@ fn read_progress(pid: u32) -> Result<HashMap<u32, Progress>, DetectError> {
         .collect())
 }
 
-/// The scheduler clock's present (ms): this thread's own `se.exec_start`,
-/// which is running now. `None` without `CONFIG_SCHED_DEBUG`.
-fn sched_now_ms() -> Option<f64> {
-    exec_start_ms(&std::fs::read_to_string("/proc/thread-self/sched").ok()?)
+/// The scheduler clock's present (ms) on `cpu`: this thread's own
+/// `se.exec_start`, read while it runs there. Each CPU keeps its own
+/// scheduler clock, and in a VM they disagree by seconds (8.7 s between
+/// the two CPUs of the machine this was written on), so a thread's
+/// `se.exec_start` is only comparable with a reading on the CPU it last
+/// ran on: this thread moves there for the read and back. `None` without
+/// `CONFIG_SCHED_DEBUG`, or when it cannot run on `cpu`.
+fn sched_now_ms_on(cpu: usize) -> Option<f64> {
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    if cpu >= 8 * size {
+        return None;
+    }
+    // SAFETY: an all-zero cpu_set_t is the empty set (plain C struct).
+    let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `old` is a valid, writable cpu_set_t of `size` bytes; pid 0
+    // is the calling thread.
+    if unsafe { libc::sched_getaffinity(0, size, &mut old) } != 0 {
+        return None;
+    }
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit inside the set (`cpu` is bounded by
+    // the set's size above).
+    unsafe { libc::CPU_SET(cpu, &mut one) };
+    // SAFETY: `one` is a valid cpu_set_t; setting the calling thread's
+    // affinity migrates it before the call returns.
+    if unsafe { libc::sched_setaffinity(0, size, &one) } != 0 {
+        return None;
+    }
+    let now = std::fs::read_to_string("/proc/thread-self/sched")
+        .ok()
+        .and_then(|t| exec_start_ms(&t));
+    // SAFETY: restores the mask read above on the calling thread.
+    unsafe { libc::sched_setaffinity(0, size, &old) };
+    now
 }
 
-/// How long thread `tid` of `pid` has been off the CPU at `now_ms` (from
-/// [`sched_now_ms`]): its `se.exec_start` is when it last ran, in the
-/// scheduler's clock.
-fn off_cpu_for(pid: u32, tid: u32, now_ms: f64) -> Option<Duration> {
+/// The CPU thread `tid` of `pid` last ran on (`/proc/.../stat` field 39).
+fn last_cpu(pid: u32, tid: u32) -> Option<usize> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    // Fields after the command's closing parenthesis start at field 3.
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(39 - 3)?
+        .parse()
+        .ok()
+}
+
+/// How long thread `tid` of `pid` has been off the CPU: its
+/// `se.exec_start` (when it last ran) against the scheduler clock of the
+/// CPU it ran on (`clocks` caches one reading per CPU for this check).
+fn off_cpu_for(pid: u32, tid: u32, clocks: &mut HashMap<usize, Option<f64>>) -> Option<Duration> {
+    let cpu = last_cpu(pid, tid)?;
     let then =
         exec_start_ms(&std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/sched")).ok()?)?;
-    let ms = now_ms - then;
+    let now = (*clocks.entry(cpu).or_insert_with(|| sched_now_ms_on(cpu)))?;
+    let ms = now - then;
     (ms.is_finite() && ms > 0.0).then(|| Duration::from_secs_f64(ms / 1000.0))
 }
 
@@ -347,12 +392,8 @@ impl Watch for HangWatch {
         let pid = cx.target.id.pid;
         let now = read_progress(pid)?;
         self.still.retain(|tid, _| now.contains_key(tid));
-        // Read once per check, and only when a thread is new.
-        let sched_now = now
-            .keys()
-            .any(|t| !self.still.contains_key(t))
-            .then(sched_now_ms)
-            .flatten();
+        // Scheduler clocks by CPU, read once per check and only for new threads.
+        let mut clocks = HashMap::new();
         self.last_ran.retain(|tid, _| now.contains_key(tid));
         for (tid, p) in &now {
             match self.still.get(tid) {
@@ -374,8 +415,7 @@ impl Watch for HangWatch {
                 // is already hung), so once the next check confirms it has
                 // not moved, the clock starts when it last ran.
                 None => {
-                    if let Some(ran) = sched_now
-                        .and_then(|n| off_cpu_for(pid, *tid, n))
+                    if let Some(ran) = off_cpu_for(pid, *tid, &mut clocks)
                         .and_then(|d| Instant::now().checked_sub(d))
                     {
                         self.last_ran.insert(*tid, ran);

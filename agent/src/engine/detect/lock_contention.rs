@@ -223,7 +223,8 @@ impl ContentionWatch {
         let mut locks: Vec<(&u64, &LockAgg)> = w.locks.iter().collect();
         locks.sort_by_key(|(_, l)| std::cmp::Reverse(l.waits.total));
         let mut out = Vec::new();
-        let names = self.sub.thread_names();
+        // Thread names cost a read of every thread: only for a finding.
+        let mut names = None;
         for (addr, l) in locks {
             if out.len() >= p.max_findings {
                 break;
@@ -243,9 +244,10 @@ impl ContentionWatch {
             };
             let name = sites::lock_name(&mut self.sources, cx.target.id.pid, site)
                 .unwrap_or_else(|| format!("lock {addr:#x}"));
+            let names = names.get_or_insert_with(|| self.sub.thread_names());
             out.push((
                 *addr,
-                finding(*addr, &name, site, l, share, secs, p.top, &names, cx),
+                finding(*addr, &name, site, l, share, secs, p.top, names, cx),
             ));
         }
         out

@@ -67,7 +67,10 @@ pub struct MemoryLeak {
 
 /// `[detectors.memory_leak]`: `interval` (2s), `window` (60s),
 /// `min_entries` (30), `min_z` (3.0), `rescan` (10s), `watch_hits` (8),
-/// `max_findings` (3), `min_heap_growth` (8388608 bytes).
+/// `max_findings` (3), `min_heap_growth` (8388608 bytes). `rescan` is the
+/// soonest the heap's roots are walked again, once the process grew by
+/// 256 KiB since the last walk; without growth, the gap doubles up to
+/// `rescan` × 30.
 pub fn new(s: &Settings) -> Result<Arc<dyn Detector>, DetectError> {
     s.only(&[
         "window",

@@ -85,10 +85,16 @@ struct Slot {
     failures: u32,
 }
 
+/// How often a target's CPU use is read for the busy back-off.
+const CPU_SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
 struct Target {
     info: Arc<TargetInfo>,
     slots: Vec<Slot>,
     cpu: Option<CpuSample>,
+    /// Whether the target used more than the busy threshold between the
+    /// last two CPU samples.
+    busy: bool,
     busy_level: u32,
 }
 
@@ -198,6 +204,7 @@ impl Scheduler {
             id,
             Target {
                 cpu: CpuSample::take(id.pid),
+                busy: false,
                 info: Arc::new(info),
                 slots,
                 busy_level: 0,
@@ -307,16 +314,22 @@ impl Scheduler {
         };
         let id = done.target;
         let n_det = t.slots.len().max(1) as f64;
-        // Busy targets back off; calm ones recover.
-        if let Some(now) = CpuSample::take(id.pid) {
-            if let Some(prev) = t.cpu
-                && now.cores_since(&prev) > self.budget.busy_threshold
-            {
-                t.busy_level = (t.busy_level + 1).min(16);
-            } else {
-                t.busy_level = t.busy_level.saturating_sub(1);
-            }
+        // Busy targets back off; calm ones recover. The target's CPU is
+        // read at most every CPU_SAMPLE_EVERY (a /proc read per check of
+        // every detector was a tenth of the agent's own CPU); each check
+        // still moves the level by the latest verdict.
+        if t.cpu.is_none_or(|c| c.age() >= CPU_SAMPLE_EVERY)
+            && let Some(now) = CpuSample::take(id.pid)
+        {
+            t.busy = t
+                .cpu
+                .is_some_and(|prev| now.cores_since(&prev) > self.budget.busy_threshold);
             t.cpu = Some(now);
+        }
+        if t.busy {
+            t.busy_level = (t.busy_level + 1).min(16);
+        } else {
+            t.busy_level = t.busy_level.saturating_sub(1);
         }
         let busy_level = t.busy_level;
         {
