@@ -18,8 +18,10 @@ const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 
 /// No transparent huge pages, for every command. mimalloc marks its arenas
 /// `MADV_HUGEPAGE` (before `main`, so its own option comes too late), and:
-/// - the agent's resident size doubled: 89 MB with 45 MB of it in huge
-///   pages, against 49 MB with 4 KiB pages (25 targets, every detector);
+/// - the agent's resident size grew by half: 89 MB with 45 MB of it in
+///   huge pages, against 55–66 MB with 4 KiB pages (25 targets, every
+///   detector; 55 MB when mimalloc never marks an arena, with
+///   `MIMALLOC_ALLOW_THP=0`);
 /// - with the kernel's usual `defrag=madvise`, a fault there compacts
 ///   memory synchronously when no free 2 MiB page is at hand: `analyze` of
 ///   a standard library ran 0.12 s and 0.45–0.64 s by turns, 0.5–0.7 s of

@@ -316,7 +316,7 @@ impl Scheduler {
         let n_det = t.slots.len().max(1) as f64;
         // Busy targets back off; calm ones recover. The target's CPU is
         // read at most every CPU_SAMPLE_EVERY (a /proc read per check of
-        // every detector was a tenth of the agent's own CPU); each check
+        // every detector was 5-9 % of the agent's own CPU); each check
         // still moves the level by the latest verdict.
         if t.cpu.is_none_or(|c| c.age() >= CPU_SAMPLE_EVERY)
             && let Some(now) = CpuSample::take(id.pid)
