@@ -44,6 +44,10 @@ pub struct Stat {
     pub threads: u32,
     pub start_ticks: u64,
     pub rss_pages: u64,
+    /// User + system CPU time in clock ticks (fields 14 and 15).
+    pub cpu_ticks: u64,
+    /// The CPU it last ran on (field 39).
+    pub last_cpu: Option<usize>,
 }
 
 /// Parses `/proc/PID/stat` text.
@@ -61,6 +65,8 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
         threads: field(20)?.parse().ok()?,
         start_ticks: field(22)?.parse().ok()?,
         rss_pages: field(24)?.parse().ok()?,
+        cpu_ticks: field(14)?.parse::<u64>().ok()? + field(15)?.parse::<u64>().ok()?,
+        last_cpu: field(39).and_then(|f| f.parse().ok()),
     })
 }
 
@@ -161,6 +167,8 @@ mod tests {
         assert_eq!(st.threads, 7);
         assert_eq!(st.start_ticks, 123456);
         assert_eq!(st.rss_pages, 2048);
+        assert_eq!(st.cpu_ticks, 5 + 3);
+        assert_eq!(st.last_cpu, Some(1));
     }
 
     #[test]

@@ -53,12 +53,7 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
 /// User + system CPU of process `pid` in clock ticks (stat fields 14, 15).
 pub fn process_cpu_ticks(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest[0] is field 3; field N is f[N - 3].
-    let utime: u64 = f.get(11)?.parse().ok()?;
-    let stime: u64 = f.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some(crate::procinfo::parse_stat(&text)?.cpu_ticks)
 }
 
 /// Caps glibc's malloc arenas at two. By default every thread that

@@ -163,15 +163,10 @@ fn sched_now_ms_on(cpu: usize) -> Option<f64> {
     now
 }
 
-/// The CPU thread `tid` of `pid` last ran on (`/proc/.../stat` field 39).
+/// The CPU thread `tid` of `pid` last ran on.
 fn last_cpu(pid: u32, tid: u32) -> Option<usize> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
-    // Fields after the command's closing parenthesis start at field 3.
-    stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .nth(39 - 3)?
-        .parse()
-        .ok()
+    crate::procinfo::parse_stat(&stat)?.last_cpu
 }
 
 /// How long thread `tid` of `pid` has been off the CPU: its
