@@ -283,15 +283,7 @@ struct Churn {
 /// Watches deadlock findings while polling the storm's children every
 /// 50 ms (each lives 2 s, so none is missed); matches them by pid.
 async fn churn(port: u16, storm: u32, dur: Duration) -> anyhow::Result<Churn> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
-        .connect()
-        .await
-        .context("connect to the agent")?;
-    let mut client = pb::diagnostics_client::DiagnosticsClient::new(ch);
-    let mut stream = client
-        .watch_findings(pb::WatchFindingsRequest::default())
-        .await?
-        .into_inner();
+    let mut stream = watch(port).await?;
     let found: Arc<Mutex<std::collections::HashMap<u32, f64>>> = Arc::default();
     let f2 = found.clone();
     let end = tokio::time::Instant::now() + dur + Duration::from_secs(3);
@@ -302,19 +294,12 @@ async fn churn(port: u16, storm: u32, dur: Duration) -> anyhow::Result<Churn> {
                 continue;
             }
             if let (Some(t), Some(at)) = (f.target, ev.at) {
-                let at = at.seconds as f64 + at.nanos as f64 / 1e9;
-                f2.lock().unwrap().entry(t.pid).or_insert(at);
+                f2.lock().unwrap().entry(t.pid).or_insert(secs(at));
             }
         }
     });
     // pid -> (first seen, last seen), wall clock seconds.
     let mut kids: std::collections::HashMap<u32, (f64, f64)> = Default::default();
-    let now = || {
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64()
-    };
     let (open, stop) = (now(), now() + dur.as_secs_f64());
     while now() < stop {
         for pid in children_of(storm) {
@@ -367,26 +352,14 @@ async fn latency(port: u16, n: usize, dur: Duration) -> anyhow::Result<Vec<f64>>
     let lat = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for _ in 0..n {
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
-            .connect()
-            .await
-            .context("connect to the agent")?;
-        let mut client = pb::diagnostics_client::DiagnosticsClient::new(ch);
-        let mut stream = client
-            .watch_findings(pb::WatchFindingsRequest::default())
-            .await?
-            .into_inner();
+        let mut stream = watch(port).await?;
         let lat = lat.clone();
         tasks.push(tokio::spawn(async move {
             let end = tokio::time::Instant::now() + dur;
             while let Ok(Ok(Some(ev))) = tokio::time::timeout_at(end, stream.message()).await {
-                let now = SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_secs_f64();
+                let now = now();
                 if let Some(at) = ev.at {
-                    let t = at.seconds as f64 + at.nanos as f64 / 1e9;
-                    lat.lock().unwrap().push((now - t) * 1000.0);
+                    lat.lock().unwrap().push((now - secs(at)) * 1000.0);
                 }
             }
         }));
@@ -397,6 +370,32 @@ async fn latency(port: u16, n: usize, dur: Duration) -> anyhow::Result<Vec<f64>>
     let mut v = std::mem::take(&mut *lat.lock().unwrap());
     v.sort_by(f64::total_cmp);
     Ok(v)
+}
+
+/// A `WatchFindings` stream from the agent on `port`, from now on.
+async fn watch(port: u16) -> anyhow::Result<tonic::Streaming<pb::FindingEvent>> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+        .connect()
+        .await
+        .context("connect to the agent")?;
+    let mut client = pb::diagnostics_client::DiagnosticsClient::new(ch);
+    Ok(client
+        .watch_findings(pb::WatchFindingsRequest::default())
+        .await?
+        .into_inner())
+}
+
+/// Wall-clock seconds since the Unix epoch (the clock event times use).
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// An event time in seconds since the Unix epoch.
+fn secs(at: prost_types::Timestamp) -> f64 {
+    at.seconds as f64 + at.nanos as f64 / 1e9
 }
 
 fn free_port() -> anyhow::Result<u16> {

@@ -142,17 +142,16 @@ pub fn parse_only(root: &Path, opts: &Options) -> Result<ParseOnly, AnalyzeError
     let all = on_workers(&files, opts, |file| {
         let (text, n) = read(file);
         let text = text.unwrap_or_default();
-        let parsed = ruff_python_parser::parse_unchecked_source(
+        std::hint::black_box(ruff_python_parser::parse_unchecked_source(
             &text,
             ruff_python_ast::PySourceType::Python,
-        );
-        let lines = u64::from(source::LineIndex::new(&text).count(&text));
-        (parsed.errors().len(), lines, n)
+        ));
+        (u64::from(source::LineIndex::new(&text).count(&text)), n)
     })?;
     Ok(ParseOnly {
         files: files.len(),
-        lines: all.iter().map(|r| r.1).sum(),
-        bytes: all.iter().map(|r| r.2).sum(),
+        lines: all.iter().map(|r| r.0).sum(),
+        bytes: all.iter().map(|r| r.1).sum(),
         time: started.elapsed(),
     })
 }
