@@ -8,7 +8,7 @@
 use pymedic_model::{Finding, Kind, Layer, Related, Severity};
 use serde_json::json;
 
-use crate::facts::AcquireVia;
+use crate::facts::{AcquireVia, CallFact};
 use crate::locks::resolved_acquires;
 use crate::report::finding;
 use crate::symbols::{Callee, FnId, LockFlavor, Program};
@@ -143,19 +143,31 @@ struct Block {
 
 pub(crate) fn findings(p: &Program) -> Vec<Finding> {
     let acquires = resolved_acquires(p);
-    let callees = p.callees();
-    // Direct blocking in every function, by dense function index.
     let n = p.fn_count();
+    // Only the synchronous functions coroutines reach (through calls they
+    // do not await) can block an event loop: resolve and propagate over
+    // those alone.
+    let sync_call = |_: FnId, c: &CallFact| !c.awaited;
+    let coroutines: Vec<usize> = (p.functions().enumerate())
+        .filter_map(|(i, (_, f))| f.is_async.then_some(i))
+        .collect();
+    let mut reached = p.reachable(coroutines.iter().copied(), sync_call);
+    for &i in &coroutines {
+        reached[i] = false;
+    }
+    // Direct blocking in every reached function, by dense function index.
     let mut blocks: Vec<Option<Block>> = vec![None; n];
     let mut project_calls: Vec<Vec<(FnId, u32)>> = vec![Vec::new(); n];
     for (i, (id, f)) in p.functions().enumerate() {
-        for (c, callee) in f.calls.iter().zip(&callees[i]) {
+        if !reached[i] {
+            continue;
+        }
+        for (c, callee) in f.calls.iter().zip(p.callees_of(i)) {
             match callee {
                 Callee::External(q) if !c.awaited => {
                     // The most severe blocking call of the function names it
                     // (`time.sleep` over the `open` before it).
                     if let Some((severity, fix)) = blocking_call(q)
-                        && !f.is_async
                         && blocks[i].as_ref().is_none_or(|b| severity > b.severity)
                     {
                         blocks[i] = Some(Block {
@@ -176,7 +188,7 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
     for _ in 0..16 {
         let mut changed = false;
         for (i, id) in ids.iter().enumerate() {
-            if blocks[i].is_some() || p.function(*id).is_async {
+            if blocks[i].is_some() || !reached[i] {
                 continue;
             }
             let found = project_calls[i].iter().find_map(|(g, line)| {
@@ -201,7 +213,7 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
         if !f.is_async {
             continue;
         }
-        for (c, callee) in f.calls.iter().zip(&callees[i]) {
+        for (c, callee) in f.calls.iter().zip(p.callees_of(i)) {
             if c.awaited {
                 continue;
             }

@@ -65,17 +65,11 @@ pub fn analyze_files(
     let lines = facts.iter().map(|f| u64::from(f.lines)).sum();
     let program = Program::new(facts);
     let p = &program;
-    // Every whole-program pass at once: the call and lock resolutions the
-    // lock and event-loop passes share (`OnceLock`s: those passes wait for
-    // them), while this thread builds the import graph and runs the passes
-    // that need neither.
+    // Every whole-program pass at once: the lock and event-loop passes on
+    // threads of their own (they share the lock resolution and the calls
+    // resolved on demand, through `OnceLock`s), while this thread builds the
+    // import graph and runs the passes that need neither.
     let (graph, mut findings) = std::thread::scope(|s| {
-        let callees = s.spawn(|| {
-            p.callees();
-        });
-        let acquires = s.spawn(|| {
-            locks::resolved_acquires(p);
-        });
         let locks = s.spawn(|| locks::findings(p));
         let blocking = s.spawn(|| blocking::findings(p));
         let graph = imports::graph(p);
@@ -83,11 +77,6 @@ pub fn analyze_files(
         out.extend(imports::cycle_findings(p, &graph));
         out.extend(report::leak_findings(p));
         out.extend(containers::findings(p));
-        for h in [callees, acquires] {
-            if let Err(panic) = h.join() {
-                std::panic::resume_unwind(panic);
-            }
-        }
         for h in [locks, blocking] {
             match h.join() {
                 Ok(f) => out.extend(f),

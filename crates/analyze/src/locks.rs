@@ -16,7 +16,7 @@ use pymedic_model::{Finding, Kind, Layer, Related, Severity};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::facts::{AcquireVia, PathRef, Root};
+use crate::facts::{AcquireVia, CallFact, PathRef, Root};
 use crate::imports::sccs;
 use crate::report::finding;
 use crate::symbols::{Callee, FnId, LockFlavor, Place, Program, Ty, lock_flavor};
@@ -211,26 +211,49 @@ struct Trace {
 /// Builds the lock-order graph.
 pub fn graph(p: &Program) -> LockGraph {
     let acquires = resolved_acquires(p);
-    let callees = p.callees();
     let n = p.fn_count();
     let ids: Vec<FnId> = p.functions().map(|(id, _)| id).collect();
     let mut g = LockGraph::default();
+    // Only what is called while a lock is held can add an edge: the
+    // functions reached from those calls are the only ones whose calls are
+    // resolved and whose takes are propagated.
+    let holding =
+        |i: usize, c: &CallFact| c.held.iter().any(|&h| acquires[i][h as usize].is_some());
+    let roots: Vec<usize> = (0..n)
+        .filter(|&i| p.function(ids[i]).calls.iter().any(|c| holding(i, c)))
+        .collect();
+    let mut reached = vec![false; n];
+    for &i in &roots {
+        for (c, callee) in p.function(ids[i]).calls.iter().zip(p.callees_of(i)) {
+            if let Callee::Project(t) = callee
+                && holding(i, c)
+            {
+                reached[p.dense(*t)] = true;
+            }
+        }
+    }
+    let from: Vec<usize> = (0..n).filter(|&i| reached[i]).collect();
+    let reached = p.reachable(from, |_, _| true);
     // Calls to project functions, per function: (callee dense, line, held).
-    let calls: Vec<Vec<(usize, u32, &[u32])>> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, &id)| {
-            p.function(id)
-                .calls
-                .iter()
-                .zip(&callees[i])
-                .filter_map(|(c, callee)| match callee {
-                    Callee::Project(t) if *t != id => {
-                        Some((p.dense(*t), c.line, c.held.as_slice()))
-                    }
-                    _ => None,
-                })
-                .collect()
+    let project_calls = |i: usize| -> Vec<(usize, u32, &[u32])> {
+        let id = ids[i];
+        p.function(id)
+            .calls
+            .iter()
+            .zip(p.callees_of(i))
+            .filter_map(|(c, callee)| match callee {
+                Callee::Project(t) if *t != id => Some((p.dense(*t), c.line, c.held.as_slice())),
+                _ => None,
+            })
+            .collect()
+    };
+    let calls: Vec<Vec<(usize, u32, &[u32])>> = (0..n)
+        .map(|i| {
+            if reached[i] || roots.binary_search(&i).is_ok() {
+                project_calls(i)
+            } else {
+                Vec::new()
+            }
         })
         .collect();
     // What each function takes, itself or through its callees.

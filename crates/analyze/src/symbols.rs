@@ -82,8 +82,9 @@ pub struct Program {
     methods: FxHashMap<String, Vec<FnId>>,
     /// Dense function numbering: file i's functions start at `fn_base[i]`.
     fn_base: Vec<u32>,
-    /// Per dense function, per call site: what it calls (computed once).
-    callees: OnceLock<Vec<Vec<Callee>>>,
+    /// Per dense function, per call site: what it calls (resolved on
+    /// demand, once).
+    callees: Vec<OnceLock<Vec<Callee>>>,
     /// Per dense function, per acquisition: the lock, if it is one.
     pub(crate) acquires: OnceLock<Vec<Vec<Option<crate::locks::Lock>>>>,
 }
@@ -112,7 +113,7 @@ impl Program {
             modules,
             methods,
             fn_base,
-            callees: OnceLock::new(),
+            callees: (0..n).map(|_| OnceLock::new()).collect(),
             acquires: OnceLock::new(),
         }
     }
@@ -143,65 +144,59 @@ impl Program {
         }
     }
 
-    /// What every call site calls, resolved once (on two threads).
-    pub fn callees(&self) -> &Vec<Vec<Callee>> {
-        self.callees.get_or_init(|| {
-            let ids: Vec<FnId> = self.functions().map(|(id, _)| id).collect();
-            let resolve = |chunk: &[FnId]| -> Vec<Vec<Callee>> {
-                // The same callee text (`len`, `self._send`, `os.path.join`)
-                // recurs across a file: resolve it once per scope it can
-                // mean something different in.
-                let mut memo: FxHashMap<CalleeKey<'_>, Callee> = FxHashMap::default();
-                let mut file = u32::MAX;
-                chunk
-                    .iter()
-                    .map(|&id| {
-                        if id.file != file {
-                            memo.clear();
-                            file = id.file;
-                        }
-                        let ctx = self.ctx(id);
-                        let scope = self.has_local_defs(id).then_some(id.func);
-                        self.function(id)
-                            .calls
-                            .iter()
-                            .map(|c| {
-                                memo.entry((ctx.class, scope, &c.callee))
-                                    .or_insert_with(|| self.callee(ctx, &c.callee))
-                                    .clone()
-                            })
-                            .collect()
-                    })
-                    .collect()
-            };
-            let mid = ids.len() / 2;
-            let (a, b) = ids.split_at(mid);
-            std::thread::scope(|s| {
-                let h = s.spawn(|| resolve(b));
-                let mut out = resolve(a);
-                match h.join() {
-                    Ok(rest) => out.extend(rest),
-                    Err(panic) => std::panic::resume_unwind(panic),
-                }
-                out
-            })
+    /// What each call site of the function with dense index `i` calls,
+    /// resolved on first use. Passes ask only for the functions they reach
+    /// (from coroutines, from calls made while holding a lock), so most of a
+    /// large tree's calls are never resolved.
+    pub fn callees_of(&self, i: usize) -> &[Callee] {
+        self.callees[i].get_or_init(|| {
+            let id = self.fn_id(i);
+            let ctx = self.ctx(id);
+            let calls = &self.function(id).calls;
+            // The same callee text (`len`, `self._send`) recurs within a
+            // function: resolve it once.
+            let mut memo: FxHashMap<&PathRef, Callee> = FxHashMap::default();
+            calls
+                .iter()
+                .map(|c| {
+                    memo.entry(&c.callee)
+                        .or_insert_with(|| self.callee(ctx, &c.callee))
+                        .clone()
+                })
+                .collect()
         })
     }
 
-    /// Whether names in `id` can resolve to nested `def`s (its own or an
-    /// enclosing function's), so resolution depends on the function itself
-    /// and not only on its file and class.
-    fn has_local_defs(&self, id: FnId) -> bool {
-        let file = &self.files[id.file as usize];
-        let mut func = Some(id.func as usize);
-        while let Some(fi) = func {
-            let f = &file.functions[fi];
-            if !f.local_defs.is_empty() {
-                return true;
+    /// Every function reachable from `roots` through project calls for
+    /// which `follow(caller, call)` holds (the roots included), as a mask
+    /// by dense index.
+    pub fn reachable(
+        &self,
+        roots: impl IntoIterator<Item = usize>,
+        follow: impl Fn(FnId, &CallFact) -> bool,
+    ) -> Vec<bool> {
+        let mut seen = vec![false; self.fn_count()];
+        let mut stack: Vec<usize> = Vec::new();
+        for r in roots {
+            if !std::mem::replace(&mut seen[r], true) {
+                stack.push(r);
             }
-            func = f.parent;
         }
-        false
+        while let Some(i) = stack.pop() {
+            let id = self.fn_id(i);
+            let calls = &self.function(id).calls;
+            for (c, callee) in calls.iter().zip(self.callees_of(i)) {
+                if let Callee::Project(g) = callee
+                    && follow(id, c)
+                {
+                    let d = self.dense(*g);
+                    if !std::mem::replace(&mut seen[d], true) {
+                        stack.push(d);
+                    }
+                }
+            }
+        }
+        seen
     }
 
     pub fn function(&self, id: FnId) -> &FunctionFacts {
@@ -561,10 +556,6 @@ impl ClassId {
         self.file as usize
     }
 }
-
-/// A callee's resolution scope within one file: the class (for `self`),
-/// the function when nested `def`s may shadow names, and the reference.
-type CalleeKey<'a> = (Option<u32>, Option<u32>, &'a PathRef);
 
 /// What a call site calls.
 #[derive(Clone, Debug, PartialEq)]

@@ -27,7 +27,11 @@ impl FnWalker<'_, '_, '_> {
     }
 
     fn op(&mut self, target: Option<PathRef>, op: OpKind, line: u32) {
-        if let Some(target) = target {
+        // A function-local container dies with the call: only what outlives
+        // it (globals, attributes) can leak.
+        if let Some(target) = target
+            && !matches!(target.root, Root::Local(_))
+        {
             self.cx.facts.container_ops.push(ContainerOp {
                 target,
                 op,
