@@ -862,3 +862,78 @@ fn enrich_explains_runtime_deadlock_and_blocked_loop() {
     cpu.kind = pymedic_model::Kind::CPU_HOTSPOT;
     assert!(enricher.explain(&cpu, Path::new("/")).unwrap().is_empty());
 }
+
+#[test]
+fn parameter_ownership_from_the_extraction_walk_matches_a_whole_body_walk() {
+    // The extraction learns which parameters a function consumes from the
+    // walk that also collects its calls; `consumed_params` walks the body on
+    // its own. Both must agree, through nested functions, lambdas, classes,
+    // `yield`, `with` and attribute stores.
+    let src = r#"
+        import threading
+
+        def closes(f, g, unused):
+            f.close()
+            return g
+
+        def nested(a, b, c, d):
+            def inner(x=registry.register(d)):
+                a.close()
+            cb = lambda: b.shutdown()
+            class Holder:
+                slot = c
+            return inner, cb
+
+        def gen(s, t):
+            yield s
+            with t:
+                pass
+
+        def stores(self, conn, other):
+            self.conn = conn
+            threading.Thread(target=other).start()
+
+        async def coro(r, w):
+            await w.wait()
+            q.put(r)
+    "#;
+    let t = Tree::new(&[("m.py", src)]);
+    let a = t.analyze();
+    let text = unindent(src);
+    let parsed =
+        ruff_python_parser::parse_unchecked_source(&text, ruff_python_ast::PySourceType::Python);
+    let mut checked = 0;
+    for stmt in &parsed.syntax().body {
+        let ruff_python_ast::Stmt::FunctionDef(f) = stmt else {
+            continue;
+        };
+        let names: Vec<&str> = f
+            .parameters
+            .iter_non_variadic_params()
+            .map(|p| p.parameter.name.id.as_str())
+            .collect();
+        let want = pymedic_analyze::leaks::consumed_params(&f.body, &names);
+        let facts = a.program.files[0]
+            .functions
+            .iter()
+            .find(|x| x.qualname == f.name.id.as_str())
+            .unwrap();
+        assert_eq!(facts.consumes, want, "{}", f.name.id);
+        checked += 1;
+    }
+    assert_eq!(checked, 5);
+    let by = |q: &str| {
+        a.program.files[0]
+            .functions
+            .iter()
+            .find(|x| x.qualname == q)
+            .unwrap()
+            .consumes
+            .clone()
+    };
+    assert_eq!(by("closes"), [true, true, false]);
+    assert_eq!(by("nested"), [true, true, false, true]);
+    assert_eq!(by("gen"), [true, true]);
+    assert_eq!(by("stores"), [false, true, true]);
+    assert_eq!(by("coro"), [true, true]);
+}

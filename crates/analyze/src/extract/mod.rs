@@ -9,7 +9,7 @@ use ruff_python_ast::{self as ast, Expr, Stmt};
 use ruff_text_size::Ranged;
 
 use crate::facts::*;
-use crate::leaks;
+use crate::leaks::{self, Consumed};
 
 mod env;
 mod walker;
@@ -196,7 +196,7 @@ impl FileCx<'_> {
             match stmt {
                 Stmt::Import(_) | Stmt::ImportFrom(_) => self.import(stmt, deferred, true),
                 Stmt::FunctionDef(f) => {
-                    let idx = self.function(f, None, None, "");
+                    let (idx, _) = self.function(f, None, None, "");
                     self.facts
                         .scope
                         .functions
@@ -284,7 +284,7 @@ impl FileCx<'_> {
         for stmt in &c.body {
             match stmt {
                 Stmt::FunctionDef(f) => {
-                    let fidx = self.function(f, Some(idx), None, &format!("{qualname}."));
+                    let (fidx, _) = self.function(f, Some(idx), None, &format!("{qualname}."));
                     self.facts.classes[idx]
                         .methods
                         .insert(f.name.id.as_str().to_owned(), fidx);
@@ -333,7 +333,7 @@ impl FileCx<'_> {
         class: Option<usize>,
         parent: Option<(usize, &Env)>,
         prefix: &str,
-    ) -> usize {
+    ) -> (usize, Consumed) {
         let idx = self.facts.functions.len();
         let qualname = format!("{prefix}{}", f.name.id);
         let decorators: Vec<PathRef> = f
@@ -416,23 +416,23 @@ impl FileCx<'_> {
             in_init: class.is_some() && f.name.id.as_str() == "__init__",
             class,
             qualname: qualname.clone(),
+            consumed: Consumed::default(),
+            may_acquire: false,
         };
         for stmt in &f.body {
             walker.visit_stmt(stmt);
         }
+        let (consumed, may_acquire) = (walker.consumed, walker.may_acquire);
 
         let names: Vec<&str> = params.iter().map(|p| p.name.id.as_str()).collect();
-        let consumes = if names.is_empty() {
-            Vec::new()
-        } else {
-            leaks::consumed_params(&f.body, &names)
-        };
-        self.facts.functions[idx].consumes = consumes;
-        let qualify = |e: &Expr| self.qualify(e, &env);
-        let path = |e: &Expr| env.path(e);
-        let found = leaks::find(&f.body, idx, self.lines, &qualify, &path);
-        self.facts.leaks.extend(found);
-        idx
+        self.facts.functions[idx].consumes = consumed.of(&names);
+        if may_acquire {
+            let qualify = |e: &Expr| self.qualify(e, &env);
+            let path = |e: &Expr| env.path(e);
+            let found = leaks::find(&f.body, idx, self.lines, &qualify, &path);
+            self.facts.leaks.extend(found);
+        }
+        (idx, consumed)
     }
 
     /// Qualified name of a callee in this file: imports expanded

@@ -8,6 +8,25 @@ use ruff_text_size::Ranged;
 use super::env::*;
 use super::{FileCx, adds_to_container, removes_from_container};
 use crate::facts::*;
+use crate::leaks::{Consumed, callee_last, maybe_acquires};
+
+/// Whether an expression calls something that may acquire a resource.
+fn may_acquire_in(e: &Expr) -> bool {
+    struct A(bool);
+    impl<'a> Visitor<'a> for A {
+        fn visit_expr(&mut self, e: &'a Expr) {
+            if let Expr::Call(c) = e {
+                self.0 |= maybe_acquires(callee_last(&c.func));
+            }
+            if !self.0 {
+                visitor::walk_expr(self, e);
+            }
+        }
+    }
+    let mut a = A(false);
+    a.visit_expr(e);
+    a.0
+}
 
 /// Walks one function body (not nested definitions, which get their own).
 pub(super) struct FnWalker<'c, 'f, 'e> {
@@ -19,6 +38,12 @@ pub(super) struct FnWalker<'c, 'f, 'e> {
     pub(super) in_init: bool,
     pub(super) class: Option<usize>,
     pub(super) qualname: String,
+    /// Names the body (nested definitions included) closes, stores,
+    /// returns or hands on: the parameters' ownership, from this same walk.
+    pub(super) consumed: Consumed,
+    /// A call whose name may acquire a resource (`open`, `socket`, ...):
+    /// only then does the leak analysis walk the body.
+    pub(super) may_acquire: bool,
 }
 
 impl FnWalker<'_, '_, '_> {
@@ -67,6 +92,8 @@ impl FnWalker<'_, '_, '_> {
     }
 
     fn call(&mut self, c: &ast::ExprCall, awaited: bool) {
+        self.consumed.call(c);
+        self.may_acquire |= maybe_acquires(callee_last(&c.func));
         let line = self.cx.line(c);
         let callee = self.env.path(&c.func);
         // What the call does to its receiver or first argument, decided
@@ -224,18 +251,30 @@ pub(super) fn receiver(callee: &PathRef) -> Option<PathRef> {
 impl<'a> Visitor<'a> for FnWalker<'_, '_, '_> {
     fn visit_stmt(&mut self, stmt: &'a Stmt) {
         let line = self.cx.line(stmt);
+        self.consumed.stmt(stmt);
         match stmt {
             Stmt::FunctionDef(f) => {
                 let prefix = format!("{}.<locals>.", self.qualname);
                 let env = self.env;
-                let child = self
-                    .cx
-                    .function(f, self.class, Some((self.idx, env)), &prefix);
+                let (child, consumed) =
+                    self.cx
+                        .function(f, self.class, Some((self.idx, env)), &prefix);
                 self.func()
                     .local_defs
                     .insert(f.name.id.as_str().to_owned(), child);
+                // What the nested body consumes, the enclosing one does too
+                // (a closure that closes a parameter); so does its header.
+                self.consumed.0.extend(consumed.0);
+                for d in &f.decorator_list {
+                    self.consumed.visit_decorator(d);
+                }
+                self.consumed.visit_parameters(&f.parameters);
+                if let Some(r) = &f.returns {
+                    self.consumed.visit_annotation(r);
+                }
             }
-            Stmt::ClassDef(_) => {}
+            // Its own scope, but what it consumes counts.
+            Stmt::ClassDef(_) => self.consumed.visit_stmt(stmt),
             Stmt::Import(_) | Stmt::ImportFrom(_) => self.cx.import(stmt, true, true),
             Stmt::With(w) => {
                 let before = self.held.len();
@@ -306,7 +345,15 @@ impl<'a> Visitor<'a> for FnWalker<'_, '_, '_> {
 
     fn visit_expr(&mut self, expr: &'a Expr) {
         match expr {
-            Expr::Lambda(_) => {}
+            // Runs later, if at all: only what it consumes or acquires counts.
+            Expr::Lambda(_) => {
+                self.consumed.visit_expr(expr);
+                self.may_acquire |= may_acquire_in(expr);
+            }
+            Expr::Yield(_) => {
+                self.consumed.expr(expr);
+                visitor::walk_expr(self, expr);
+            }
             Expr::Await(a) => match &*a.value {
                 Expr::Call(c) => self.call(c, true),
                 other => self.visit_expr(other),

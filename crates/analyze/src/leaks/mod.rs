@@ -23,10 +23,10 @@ use crate::source::LineIndex;
 mod ownership;
 mod syntax;
 
-pub use ownership::consumed_params;
+pub use ownership::{Consumed, consumed_params};
 use ownership::{Escape, escape, releases};
 use syntax::*;
-pub use syntax::{acquisition, release_text};
+pub use syntax::{acquisition, callee_last, maybe_acquires, release_text};
 
 struct Res {
     var: String,

@@ -2,10 +2,10 @@
 //! (store, return, hand to a thread or a wrapper) or only use it.
 
 use ruff_python_ast::visitor::{self, Visitor};
-use ruff_python_ast::{Expr, Stmt};
+use ruff_python_ast::{Expr, ExprCall, Stmt};
 
 use super::syntax::*;
-use crate::facts::{PathRef, ResourceKind};
+use crate::facts::{Name, PathRef, ResourceKind};
 
 /// Call names that take ownership of an argument (store it, close it later,
 /// or run it on another thread).
@@ -304,96 +304,127 @@ pub(super) fn escape(stmt: &Stmt, name: &str, path: &dyn Fn(&Expr) -> Option<Pat
 }
 
 /// Which of `params` the function closes, stores, returns or hands on (one
-/// pass over the body).
+/// pass over the body). The extraction gets the same answer from its own
+/// walk through [`Consumed`]; this whole-body form is the reference.
 pub fn consumed_params(body: &[Stmt], params: &[&str]) -> Vec<bool> {
-    struct C<'w> {
-        want: &'w [&'w str],
-        hit: Vec<bool>,
-    }
-    impl C<'_> {
-        fn mark(&mut self, n: &str) {
-            if let Some(i) = self.want.iter().position(|w| *w == n) {
-                self.hit[i] = true;
-            }
-        }
-        fn names(&mut self, e: &Expr) {
-            struct N<'c, 'w>(&'c mut C<'w>);
-            impl<'a> Visitor<'a> for N<'_, '_> {
-                fn visit_expr(&mut self, e: &'a Expr) {
-                    if let Expr::Name(n) = e {
-                        self.0.mark(n.id.as_str());
-                    }
-                    visitor::walk_expr(self, e);
-                }
-            }
-            N(self).visit_expr(e);
-        }
-    }
-    impl<'a> Visitor<'a> for C<'_> {
-        fn visit_stmt(&mut self, stmt: &'a Stmt) {
-            match stmt {
-                Stmt::Return(r) => {
-                    if let Some(v) = &r.value {
-                        self.names(v);
-                    }
-                }
-                Stmt::Assign(a) if a.targets.iter().any(|t| !matches!(t, Expr::Name(_))) => {
-                    self.names(&a.value);
-                }
-                Stmt::With(w) => {
-                    for i in &w.items {
-                        self.names(&i.context_expr);
-                    }
-                }
-                _ => {}
-            }
-            visitor::walk_stmt(self, stmt);
-        }
-        fn visit_expr(&mut self, expr: &'a Expr) {
-            match expr {
-                Expr::Call(c) => {
-                    if let Expr::Attribute(a) = &*c.func
-                        && let Expr::Name(n) = &*a.value
-                        && matches!(
-                            a.attr.id.as_str(),
-                            "close" | "release" | "wait" | "communicate" | "shutdown" | "detach"
-                        )
-                    {
-                        self.mark(n.id.as_str());
-                    }
-                    let last = callee_last(&c.func);
-                    if last == "close" || takes_ownership(last) {
-                        for a in c
-                            .arguments
-                            .args
-                            .iter()
-                            .chain(c.arguments.keywords.iter().map(|k| &k.value))
-                        {
-                            if let Expr::Name(n) = a {
-                                self.mark(n.id.as_str());
-                            }
-                        }
-                    }
-                }
-                Expr::Yield(y) => {
-                    if let Some(v) = &y.value {
-                        self.names(v);
-                    }
-                }
-                Expr::Lambda(l) => self.names(&l.body),
-                _ => {}
-            }
-            visitor::walk_expr(self, expr);
-        }
-    }
-    let mut c = C {
-        want: params,
-        hit: vec![false; params.len()],
-    };
+    let mut c = Consumed::default();
     for s in body {
         c.visit_stmt(s);
     }
-    c.hit
+    c.of(params)
+}
+
+/// The names a function closes, stores, returns or hands on: `return x`,
+/// `self.a = x`, `with x`, `yield x`, a lambda's body (every name in
+/// them), `x.close()` (and `release`, `wait`, ...), `close(x)` and calls
+/// that take ownership (`q.put(x)`, `Thread(target=x)`).
+///
+/// A walker that already visits every statement and expression calls
+/// [`Consumed::stmt`] and [`Consumed::call`] at each; the [`Visitor`] impl
+/// does the whole walk itself (for a lambda or a nested class, or the
+/// whole body in [`consumed_params`]).
+#[derive(Default)]
+pub struct Consumed(pub Vec<Name>);
+
+impl Consumed {
+    fn mark(&mut self, n: &Name) {
+        self.0.push(n.clone());
+    }
+
+    /// Every name in `e`.
+    fn names(&mut self, e: &Expr) {
+        struct N<'c>(&'c mut Consumed);
+        impl<'a> Visitor<'a> for N<'_> {
+            fn visit_expr(&mut self, e: &'a Expr) {
+                if let Expr::Name(n) = e {
+                    self.0.mark(&n.id);
+                }
+                visitor::walk_expr(self, e);
+            }
+        }
+        N(self).visit_expr(e);
+    }
+
+    /// The statement's own rule (its children are visited separately).
+    pub fn stmt(&mut self, stmt: &Stmt) {
+        match stmt {
+            Stmt::Return(r) => {
+                if let Some(v) = &r.value {
+                    self.names(v);
+                }
+            }
+            Stmt::Assign(a) if a.targets.iter().any(|t| !matches!(t, Expr::Name(_))) => {
+                self.names(&a.value);
+            }
+            Stmt::With(w) => {
+                for i in &w.items {
+                    self.names(&i.context_expr);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A call's own rule (its callee and arguments are visited separately).
+    pub fn call(&mut self, c: &ExprCall) {
+        if let Expr::Attribute(a) = &*c.func
+            && let Expr::Name(n) = &*a.value
+            && matches!(
+                a.attr.id.as_str(),
+                "close" | "release" | "wait" | "communicate" | "shutdown" | "detach"
+            )
+        {
+            self.mark(&n.id);
+        }
+        let last = callee_last(&c.func);
+        if last == "close" || takes_ownership(last) {
+            for a in c
+                .arguments
+                .args
+                .iter()
+                .chain(c.arguments.keywords.iter().map(|k| &k.value))
+            {
+                if let Expr::Name(n) = a {
+                    self.mark(&n.id);
+                }
+            }
+        }
+    }
+
+    /// An expression's own rule, calls aside: `yield x`, a lambda's body.
+    pub fn expr(&mut self, expr: &Expr) {
+        match expr {
+            Expr::Yield(y) => {
+                if let Some(v) = &y.value {
+                    self.names(v);
+                }
+            }
+            Expr::Lambda(l) => self.names(&l.body),
+            _ => {}
+        }
+    }
+
+    /// Per parameter: whether it is consumed.
+    pub fn of(&self, params: &[&str]) -> Vec<bool> {
+        params
+            .iter()
+            .map(|p| self.0.iter().any(|n| n.as_str() == *p))
+            .collect()
+    }
+}
+
+impl<'a> Visitor<'a> for Consumed {
+    fn visit_stmt(&mut self, stmt: &'a Stmt) {
+        self.stmt(stmt);
+        visitor::walk_stmt(self, stmt);
+    }
+    fn visit_expr(&mut self, expr: &'a Expr) {
+        match expr {
+            Expr::Call(c) => self.call(c),
+            e => self.expr(e),
+        }
+        visitor::walk_expr(self, expr);
+    }
 }
 
 pub(super) enum Escape {

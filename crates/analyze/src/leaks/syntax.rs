@@ -76,7 +76,7 @@ pub fn release_text(kind: ResourceKind, var: &str) -> String {
 
 /// Last segments of every acquiring callee: a cheap syntactic pre-check
 /// that lets most functions skip the path walk.
-pub(super) fn maybe_acquires(last: &str) -> bool {
+pub fn maybe_acquires(last: &str) -> bool {
     matches!(
         last,
         "open"
@@ -159,7 +159,7 @@ pub(super) fn is_name(e: &Expr, name: &str) -> bool {
     matches!(e, Expr::Name(n) if n.id.as_str() == name)
 }
 
-pub(super) fn callee_last(e: &Expr) -> &str {
+pub fn callee_last(e: &Expr) -> &str {
     match e {
         Expr::Name(n) => n.id.as_str(),
         Expr::Attribute(a) => a.attr.id.as_str(),
