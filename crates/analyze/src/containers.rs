@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use pymedic_model::{Finding, Kind, Layer, Related, Severity};
 use serde_json::json;
 
-use crate::facts::{ContainerKind, OpKind, Value};
+use rustc_hash::FxHashSet;
+
+use crate::facts::{Binding, ContainerKind, OpKind, Value};
 use crate::report::finding;
 use crate::symbols::{ClassId, Ctx, FnId, Place, Program, Ty};
 
@@ -142,8 +144,12 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
         bounds: usize,
     }
     let mut uses: BTreeMap<Place, Uses> = BTreeMap::new();
+    let reaching = reaching_names(p, &defs);
     for (fi, file) in p.files.iter().enumerate() {
         for op in &file.container_ops {
+            if !reaching.contains(op.target.last()) {
+                continue;
+            }
             let id = FnId {
                 file: fi as u32,
                 func: op.function as u32,
@@ -257,6 +263,51 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
             "cached function".to_owned(),
         )];
         out.push(fd);
+    }
+    out
+}
+
+/// The last names through which a reference can reach a container: the
+/// containers' own, and every name that may stand for another place (an
+/// alias, a `Condition(lock)`-like call, a name imported under another
+/// name). A reference ending in any other name resolves to a place of that
+/// name, so it cannot be one of `defs`; it is not resolved at all.
+fn reaching_names<'p>(p: &'p Program, defs: &'p BTreeMap<Place, Container>) -> FxHashSet<&'p str> {
+    let mut out: FxHashSet<&str> = FxHashSet::default();
+    for place in defs.keys() {
+        match place {
+            Place::Global(_, n) | Place::Attr(_, n) => out.insert(n.as_str()),
+            Place::Syntactic(s) => out.insert(s.as_str()),
+        };
+    }
+    let may_alias = |v: &Value| {
+        matches!(
+            v,
+            Value::Alias(_)
+                | Value::Call {
+                    first_arg: Some(_),
+                    ..
+                }
+        )
+    };
+    for file in &p.files {
+        for (name, g) in &file.scope.globals {
+            if may_alias(&g.value) {
+                out.insert(name);
+            }
+        }
+        for (local, b) in &file.scope.imports {
+            if matches!(b, Binding::From { name, .. } if name != local) {
+                out.insert(local);
+            }
+        }
+        for class in &file.classes {
+            for (name, attr) in &class.attrs {
+                if may_alias(&attr.value) {
+                    out.insert(name);
+                }
+            }
+        }
     }
     out
 }

@@ -16,7 +16,7 @@ use pymedic_model::{Finding, Kind, Layer, Related, Severity};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::facts::{AcquireVia, CallFact, PathRef, Root};
+use crate::facts::{AcquireVia, CallFact, PathRef, Root, Value};
 use crate::imports::sccs;
 use crate::report::finding;
 use crate::symbols::{Callee, FnId, LockFlavor, Place, Program, Ty, lock_flavor};
@@ -87,8 +87,8 @@ pub fn resolve_lock(
         _ => None,
     };
     let func = p.function(id);
-    let text = path.text();
-    let lockish = {
+    let text = || path.text();
+    let lockish = || {
         let l = path.last().to_ascii_lowercase();
         l.contains("lock") || l.contains("mutex")
     };
@@ -101,8 +101,10 @@ pub fn resolve_lock(
         }),
         (Some(fl), None) => Some(Lock {
             name: format!(
-                "{}:{}:{text}",
-                p.files[id.file as usize].module, func.qualname
+                "{}:{}:{}",
+                p.files[id.file as usize].module,
+                func.qualname,
+                text()
             ),
             flavor: fl,
             guessed: false,
@@ -126,14 +128,16 @@ pub fn resolve_lock(
                     global: false,
                 });
             }
-            if !lockish {
+            if !lockish() {
                 return None;
             }
             let name = match place {
                 Some(pl) => p.place_name(&pl),
                 None => format!(
-                    "{}:{}:{text}",
-                    p.files[id.file as usize].module, func.qualname
+                    "{}:{}:{}",
+                    p.files[id.file as usize].module,
+                    func.qualname,
+                    text()
                 ),
             };
             Some(Lock {
@@ -159,7 +163,11 @@ fn lock_attrs(p: &Program) -> FxHashMap<String, Vec<(Place, LockFlavor)>> {
                 file: fi as u32,
                 class: ci as u32,
             };
-            for name in class.attrs.keys() {
+            for (name, attr) in &class.attrs {
+                // A literal or an opaque value is never a lock.
+                if matches!(attr.value, Value::Container(_) | Value::Other) {
+                    continue;
+                }
                 let path = PathRef {
                     root: Root::SelfObj,
                     attrs: vec![crate::facts::Name::new(name)],

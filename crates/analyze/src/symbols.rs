@@ -85,6 +85,10 @@ pub struct Program {
     /// Per dense function, per call site: what it calls (resolved on
     /// demand, once).
     callees: Vec<OnceLock<Vec<Callee>>>,
+    /// Per class (file `i`'s classes from `class_base[i]`): its MRO within
+    /// the project, computed once every file is known.
+    class_base: Vec<u32>,
+    mros: OnceLock<Vec<Vec<ClassId>>>,
     /// Per dense function, per acquisition: the lock, if it is one.
     pub(crate) acquires: OnceLock<Vec<Vec<Option<crate::locks::Lock>>>>,
 }
@@ -94,10 +98,13 @@ impl Program {
         let mut modules = FxHashMap::default();
         let mut methods: FxHashMap<String, Vec<FnId>> = FxHashMap::default();
         let mut fn_base = Vec::with_capacity(files.len());
-        let mut n = 0u32;
+        let mut class_base = Vec::with_capacity(files.len());
+        let (mut n, mut classes) = (0u32, 0u32);
         for (i, f) in files.iter().enumerate() {
             fn_base.push(n);
             n += f.functions.len() as u32;
+            class_base.push(classes);
+            classes += f.classes.len() as u32;
             modules.entry(f.module.clone()).or_insert(i as u32);
             for c in &f.classes {
                 for (name, &m) in &c.methods {
@@ -108,14 +115,30 @@ impl Program {
                 }
             }
         }
-        Program {
+        let program = Program {
             files,
             modules,
             methods,
             fn_base,
-            callees: (0..n).map(|_| OnceLock::new()).collect(),
+            callees: (0..n as usize).map(|_| OnceLock::new()).collect(),
+            class_base,
+            mros: OnceLock::new(),
             acquires: OnceLock::new(),
-        }
+        };
+        // Every class's MRO, once: method and attribute lookups on
+        // instances ask for it at every step. Computed before the table
+        // exists, so bases resolve the slow way (depth-bounded) meanwhile.
+        let mros = (program.files.iter().enumerate())
+            .flat_map(|(fi, f)| {
+                (0..f.classes.len()).map(move |ci| ClassId {
+                    file: fi as u32,
+                    class: ci as u32,
+                })
+            })
+            .map(|c| program.mro(c, 0).into_owned())
+            .collect();
+        let _ = program.mros.set(mros);
+        program
     }
 
     /// Number of functions in the program.
@@ -474,7 +497,7 @@ impl Program {
         if class.bases.is_empty() {
             return None;
         }
-        self.mro(c, depth).into_iter().find_map(|k| {
+        self.mro(c, depth).iter().find_map(|&k| {
             self.class(k).methods.get(a).map(|&f| FnId {
                 file: k.file,
                 func: f as u32,
@@ -491,12 +514,16 @@ impl Program {
             return None;
         }
         self.mro(c, depth)
-            .into_iter()
-            .find_map(|k| self.class(k).attrs.get(a).map(|x| (k, x)))
+            .iter()
+            .find_map(|&k| self.class(k).attrs.get(a).map(|x| (k, x)))
     }
 
     /// The class and its project base classes, depth first.
-    pub fn mro(&self, c: ClassId, depth: u32) -> Vec<ClassId> {
+    pub fn mro(&self, c: ClassId, depth: u32) -> std::borrow::Cow<'_, [ClassId]> {
+        if let Some(all) = self.mros.get() {
+            let i = self.class_base[c.file as usize] + c.class;
+            return std::borrow::Cow::Borrowed(&all[i as usize]);
+        }
         let mut out = vec![c];
         let mut i = 0;
         while i < out.len() && out.len() < 16 && depth < MAX_DEPTH {
@@ -515,7 +542,7 @@ impl Program {
             }
             i += 1;
         }
-        out
+        std::borrow::Cow::Owned(out)
     }
 
     /// The function a call reaches: a function, a method, or a class's

@@ -75,9 +75,14 @@ pub fn extract(file: &SourceFile, text: &str) -> FileFacts {
         container_ops: Vec::new(),
         leaks: Vec::new(),
     };
+    // Sized up front: growing these one push at a time moved every
+    // function's facts again at each doubling.
+    let defs = memchr::memmem::find_iter(text.as_bytes(), b"def ").count();
+    facts.functions.reserve(defs);
     let mut cx = FileCx {
         lines: &lines,
         facts: &mut facts,
+        calls: Vec::new(),
     };
     cx.module_body(&parsed.syntax().body, false);
     facts
@@ -86,6 +91,10 @@ pub fn extract(file: &SourceFile, text: &str) -> FileFacts {
 pub(super) struct FileCx<'f> {
     pub(super) lines: &'f LineIndex,
     pub(super) facts: &'f mut FileFacts,
+    /// Call sites of the functions being walked, innermost last: a nested
+    /// function's calls are pushed after its parent's so far and split off
+    /// when it ends, so each function's list is allocated once, at its size.
+    pub(super) calls: Vec<CallFact>,
 }
 
 impl FileCx<'_> {
@@ -266,7 +275,8 @@ impl FileCx<'_> {
     }
 
     fn class(&mut self, c: &ast::StmtClassDef, prefix: &str) -> usize {
-        let qualname = format!("{prefix}{}", c.name.id);
+        let qualname = [prefix, c.name.id.as_str()].concat();
+        let method_prefix = [qualname.as_str(), "."].concat();
         let idx = self.facts.classes.len();
         let bases = c
             .arguments
@@ -284,7 +294,7 @@ impl FileCx<'_> {
         for stmt in &c.body {
             match stmt {
                 Stmt::FunctionDef(f) => {
-                    let (fidx, _) = self.function(f, Some(idx), None, &format!("{qualname}."));
+                    let (fidx, _) = self.function(f, Some(idx), None, &method_prefix);
                     self.facts.classes[idx]
                         .methods
                         .insert(f.name.id.as_str().to_owned(), fidx);
@@ -335,7 +345,7 @@ impl FileCx<'_> {
         prefix: &str,
     ) -> (usize, Consumed) {
         let idx = self.facts.functions.len();
-        let qualname = format!("{prefix}{}", f.name.id);
+        let qualname = [prefix, f.name.id.as_str()].concat();
         let decorators: Vec<PathRef> = f
             .decorator_list
             .iter()
@@ -408,6 +418,7 @@ impl FileCx<'_> {
         }
         collect_locals(&f.body, &mut env);
 
+        let calls_from = self.calls.len();
         let mut walker = FnWalker {
             cx: self,
             idx,
@@ -423,6 +434,8 @@ impl FileCx<'_> {
             walker.visit_stmt(stmt);
         }
         let (consumed, may_acquire) = (walker.consumed, walker.may_acquire);
+        let calls = self.calls.split_off(calls_from);
+        self.facts.functions[idx].calls = calls;
 
         let names: Vec<&str> = params.iter().map(|p| p.name.id.as_str()).collect();
         self.facts.functions[idx].consumes = consumed.of(&names);

@@ -105,7 +105,7 @@ impl FnWalker<'_, '_, '_> {
         if let Some(callee) = callee {
             let held = self.held.clone();
             let range = c.range();
-            self.func().calls.push(CallFact {
+            self.cx.calls.push(CallFact {
                 callee,
                 line,
                 start: range.start().to_u32(),
