@@ -65,19 +65,19 @@ pub fn analyze_files(
     let lines = facts.iter().map(|f| u64::from(f.lines)).sum();
     let program = Program::new(facts);
     let p = &program;
-    // Every whole-program pass at once: the lock and event-loop passes on
-    // threads of their own (they share the lock resolution and the calls
-    // resolved on demand, through `OnceLock`s), while this thread builds the
-    // import graph and runs the passes that need neither.
+    // Every whole-program pass at once: the lock, event-loop and container
+    // passes on threads of their own (the first two share the lock
+    // resolution and the calls resolved on demand, through `OnceLock`s),
+    // while this thread builds the import graph and runs the rest.
     let (graph, mut findings) = std::thread::scope(|s| {
         let locks = s.spawn(|| locks::findings(p));
         let blocking = s.spawn(|| blocking::findings(p));
+        let containers = s.spawn(|| containers::findings(p));
         let graph = imports::graph(p);
         let mut out = report::syntax_errors(p);
         out.extend(imports::cycle_findings(p, &graph));
         out.extend(report::leak_findings(p));
-        out.extend(containers::findings(p));
-        for h in [locks, blocking] {
+        for h in [locks, blocking, containers] {
             match h.join() {
                 Ok(f) => out.extend(f),
                 Err(panic) => std::panic::resume_unwind(panic),

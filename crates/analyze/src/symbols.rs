@@ -65,6 +65,9 @@ impl Resolved {
 }
 
 const MAX_DEPTH: u32 = 12;
+/// An MRO computed this close to the top of a resolution is complete (its
+/// bases had `MAX_DEPTH - 3` levels to resolve in), so it is cached.
+const MRO_CACHE_DEPTH: u32 = 3;
 
 /// Where a reference is resolved from.
 #[derive(Clone, Copy, Debug)]
@@ -79,16 +82,16 @@ pub struct Program {
     pub files: Vec<FileFacts>,
     pub modules: FxHashMap<String, u32>,
     /// Method name → the project methods of that name.
-    methods: FxHashMap<String, Vec<FnId>>,
+    methods: OnceLock<FxHashMap<String, Vec<FnId>>>,
     /// Dense function numbering: file i's functions start at `fn_base[i]`.
     fn_base: Vec<u32>,
     /// Per dense function, per call site: what it calls (resolved on
     /// demand, once).
     callees: Vec<OnceLock<Vec<Callee>>>,
     /// Per class (file `i`'s classes from `class_base[i]`): its MRO within
-    /// the project, computed once every file is known.
+    /// the project, computed on first use.
     class_base: Vec<u32>,
-    mros: OnceLock<Vec<Vec<ClassId>>>,
+    mros: Vec<OnceLock<Vec<ClassId>>>,
     /// Per dense function, per acquisition: the lock, if it is one.
     pub(crate) acquires: OnceLock<Vec<Vec<Option<crate::locks::Lock>>>>,
 }
@@ -96,7 +99,6 @@ pub struct Program {
 impl Program {
     pub fn new(files: Vec<FileFacts>) -> Program {
         let mut modules = FxHashMap::default();
-        let mut methods: FxHashMap<String, Vec<FnId>> = FxHashMap::default();
         let mut fn_base = Vec::with_capacity(files.len());
         let mut class_base = Vec::with_capacity(files.len());
         let (mut n, mut classes) = (0u32, 0u32);
@@ -106,39 +108,35 @@ impl Program {
             class_base.push(classes);
             classes += f.classes.len() as u32;
             modules.entry(f.module.clone()).or_insert(i as u32);
-            for c in &f.classes {
-                for (name, &m) in &c.methods {
-                    methods.entry(name.clone()).or_default().push(FnId {
-                        file: i as u32,
-                        func: m as u32,
-                    });
-                }
-            }
         }
-        let program = Program {
+        Program {
             files,
             modules,
-            methods,
+            methods: OnceLock::new(),
             fn_base,
             callees: (0..n as usize).map(|_| OnceLock::new()).collect(),
             class_base,
-            mros: OnceLock::new(),
+            mros: (0..classes as usize).map(|_| OnceLock::new()).collect(),
             acquires: OnceLock::new(),
-        };
-        // Every class's MRO, once: method and attribute lookups on
-        // instances ask for it at every step. Computed before the table
-        // exists, so bases resolve the slow way (depth-bounded) meanwhile.
-        let mros = (program.files.iter().enumerate())
-            .flat_map(|(fi, f)| {
-                (0..f.classes.len()).map(move |ci| ClassId {
-                    file: fi as u32,
-                    class: ci as u32,
-                })
-            })
-            .map(|c| program.mro(c, 0).into_owned())
-            .collect();
-        let _ = program.mros.set(mros);
-        program
+        }
+    }
+
+    /// Method name → the project methods of that name (built on first use).
+    fn methods(&self) -> &FxHashMap<String, Vec<FnId>> {
+        self.methods.get_or_init(|| {
+            let mut methods: FxHashMap<String, Vec<FnId>> = FxHashMap::default();
+            for (i, f) in self.files.iter().enumerate() {
+                for c in &f.classes {
+                    for (name, &m) in &c.methods {
+                        methods.entry(name.clone()).or_default().push(FnId {
+                            file: i as u32,
+                            func: m as u32,
+                        });
+                    }
+                }
+            }
+            methods
+        })
     }
 
     /// Number of functions in the program.
@@ -520,10 +518,22 @@ impl Program {
 
     /// The class and its project base classes, depth first.
     pub fn mro(&self, c: ClassId, depth: u32) -> std::borrow::Cow<'_, [ClassId]> {
-        if let Some(all) = self.mros.get() {
-            let i = self.class_base[c.file as usize] + c.class;
-            return std::borrow::Cow::Borrowed(&all[i as usize]);
+        let cell = &self.mros[(self.class_base[c.file as usize] + c.class) as usize];
+        if let Some(mro) = cell.get() {
+            return std::borrow::Cow::Borrowed(mro);
         }
+        let mro = self.mro_uncached(c, depth);
+        // Kept only when the depth bound cannot have cut the bases short
+        // (a lookup nested that deep is not the class's MRO). Not
+        // `get_or_init`: resolving the bases may ask for other classes'
+        // MROs, or, in a cycle, for this one.
+        if depth <= MRO_CACHE_DEPTH {
+            let _ = cell.set(mro.clone());
+        }
+        std::borrow::Cow::Owned(mro)
+    }
+
+    fn mro_uncached(&self, c: ClassId, depth: u32) -> Vec<ClassId> {
         let mut out = vec![c];
         let mut i = 0;
         while i < out.len() && out.len() < 16 && depth < MAX_DEPTH {
@@ -542,7 +552,7 @@ impl Program {
             }
             i += 1;
         }
-        std::borrow::Cow::Owned(out)
+        out
     }
 
     /// The function a call reaches: a function, a method, or a class's
@@ -571,7 +581,7 @@ impl Program {
         if !matches!(callee.root, Root::Local(_) | Root::SelfObj) {
             return Callee::Unknown;
         }
-        match self.methods.get(name).map(Vec::as_slice) {
+        match self.methods().get(name).map(Vec::as_slice) {
             Some([only]) => Callee::Project(*only),
             _ => Callee::Unknown,
         }
