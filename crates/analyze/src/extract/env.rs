@@ -30,7 +30,9 @@ impl Env<'_> {
 
     pub(super) fn is_self(&self, n: &str) -> bool {
         self.self_name.as_ref().is_some_and(|s| s.as_str() == n)
-            || (!self.vars.contains_key(n) && self.outer.is_some_and(|o| o.is_self(n)))
+            || self
+                .outer
+                .is_some_and(|o| !self.vars.contains_key(n) && o.is_self(n))
     }
 
     /// The reference an expression denotes, locals substituted.

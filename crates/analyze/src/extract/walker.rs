@@ -250,7 +250,6 @@ pub(super) fn receiver(callee: &PathRef) -> Option<PathRef> {
 
 impl<'a> Visitor<'a> for FnWalker<'_, '_, '_> {
     fn visit_stmt(&mut self, stmt: &'a Stmt) {
-        let line = self.cx.line(stmt);
         self.consumed.stmt(stmt);
         match stmt {
             Stmt::FunctionDef(f) => {
@@ -303,7 +302,9 @@ impl<'a> Visitor<'a> for FnWalker<'_, '_, '_> {
                         .filter(|&i| f.acquires[i as usize].via == AcquireVia::Acquire),
                 );
             }
+            // Only the stores need the statement's line.
             Stmt::Assign(a) => {
+                let line = self.cx.line(stmt);
                 self.visit_expr(&a.value);
                 for t in &a.targets {
                     self.store(t, Some(&a.value), line);
@@ -314,11 +315,13 @@ impl<'a> Visitor<'a> for FnWalker<'_, '_, '_> {
             }
             Stmt::AnnAssign(a) => {
                 if let Some(v) = &a.value {
+                    let line = self.cx.line(stmt);
                     self.visit_expr(v);
                     self.store(&a.target, Some(v), line);
                 }
             }
             Stmt::AugAssign(a) => {
+                let line = self.cx.line(stmt);
                 self.visit_expr(&a.value);
                 let target = self.env.path(&a.target);
                 let op = match a.op {
@@ -331,6 +334,7 @@ impl<'a> Visitor<'a> for FnWalker<'_, '_, '_> {
                 }
             }
             Stmt::Delete(d) => {
+                let line = self.cx.line(stmt);
                 for t in &d.targets {
                     if let Expr::Subscript(s) = t {
                         let c = self.env.path(&s.value);
