@@ -79,7 +79,7 @@ pub fn resolve_lock(
     id: FnId,
     path: &PathRef,
     via: AcquireVia,
-    unique_attr: &FxHashMap<String, Vec<(Place, LockFlavor)>>,
+    unique_attr: &mut LockAttrs<'_>,
 ) -> Option<Lock> {
     let r = p.resolve(p.ctx(id), path);
     let flavor = match &r.ty {
@@ -118,7 +118,7 @@ pub fn resolve_lock(
             // project class has a lock under that name, it is that one.
             if !path.attrs.is_empty()
                 && matches!(path.root, Root::Local(_) | Root::Name(_))
-                && let Some(cands) = unique_attr.get(path.last())
+                && let cands = unique_attr.named(path.last())
                 && cands.len() == 1
             {
                 return Some(Lock {
@@ -154,56 +154,86 @@ pub fn resolve_lock(
     }
 }
 
-/// Class attributes that hold locks, by attribute name.
-fn lock_attrs(p: &Program) -> FxHashMap<String, Vec<(Place, LockFlavor)>> {
-    let mut out: FxHashMap<String, Vec<(Place, LockFlavor)>> = FxHashMap::default();
-    for (fi, file) in p.files.iter().enumerate() {
-        for (ci, class) in file.classes.iter().enumerate() {
-            let cid = crate::symbols::ClassId {
-                file: fi as u32,
-                class: ci as u32,
-            };
-            for (name, attr) in &class.attrs {
-                // A literal or an opaque value is never a lock.
-                if matches!(attr.value, Value::Container(_) | Value::Other) {
-                    continue;
+/// Class attributes that hold locks, looked up by attribute name when an
+/// acquisition needs one (`obj.lock` on an object of unknown type):
+/// resolving every attribute of every class up front cost more than the
+/// rest of the lock pass.
+pub struct LockAttrs<'p> {
+    p: &'p Program,
+    /// Attribute name → the classes that set it (no resolution yet).
+    classes: FxHashMap<&'p str, Vec<crate::symbols::ClassId>>,
+    found: FxHashMap<&'p str, Vec<(Place, LockFlavor)>>,
+}
+
+impl<'p> LockAttrs<'p> {
+    pub fn new(p: &'p Program) -> LockAttrs<'p> {
+        let mut classes: FxHashMap<&str, Vec<crate::symbols::ClassId>> = FxHashMap::default();
+        for (fi, file) in p.files.iter().enumerate() {
+            for (ci, class) in file.classes.iter().enumerate() {
+                for (name, attr) in &class.attrs {
+                    // A literal or an opaque value is never a lock.
+                    if !matches!(attr.value, Value::Container(_) | Value::Other) {
+                        classes
+                            .entry(name)
+                            .or_default()
+                            .push(crate::symbols::ClassId {
+                                file: fi as u32,
+                                class: ci as u32,
+                            });
+                    }
                 }
+            }
+        }
+        LockAttrs {
+            p,
+            classes,
+            found: FxHashMap::default(),
+        }
+    }
+
+    /// The locks held in a class attribute named `name`, by place.
+    pub fn named(&mut self, name: &str) -> &[(Place, LockFlavor)] {
+        let Some((&key, cids)) = self.classes.get_key_value(name) else {
+            return &[];
+        };
+        let p = self.p;
+        self.found.entry(key).or_insert_with(|| {
+            let mut out = Vec::new();
+            for &cid in cids {
                 let path = PathRef {
                     root: Root::SelfObj,
                     attrs: vec![crate::facts::Name::new(name)],
                 };
                 let ctx = crate::symbols::Ctx {
-                    file: fi as u32,
+                    file: cid.file,
                     func: None,
-                    class: Some(ci as u32),
+                    class: Some(cid.class),
                 };
                 let r = p.resolve(ctx, &path);
                 if let Ty::ExtInstance(q) = &r.ty
                     && let Some(fl) = lock_flavor(q)
                 {
-                    let place = r.place.unwrap_or(Place::Attr(cid, name.clone()));
-                    out.entry(name.clone()).or_default().push((place, fl));
+                    let place = r.place.unwrap_or(Place::Attr(cid, name.to_owned()));
+                    out.push((place, fl));
                 }
             }
-        }
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+            out.dedup_by(|a, b| a.0 == b.0);
+            out
+        })
     }
-    for v in out.values_mut() {
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v.dedup_by(|a, b| a.0 == b.0);
-    }
-    out
 }
 
 /// Per function (dense index), its acquisitions resolved to locks (None:
 /// not a lock). Computed once per program.
 pub fn resolved_acquires(p: &Program) -> &Vec<Vec<Option<Lock>>> {
     p.acquires.get_or_init(|| {
-        let attrs = lock_attrs(p);
+        let mut attrs = LockAttrs::new(p);
         p.functions()
             .map(|(id, f)| {
                 f.acquires
                     .iter()
-                    .map(|a| resolve_lock(p, id, &a.lock, a.via, &attrs))
+                    .map(|a| resolve_lock(p, id, &a.lock, a.via, &mut attrs))
                     .collect()
             })
             .collect()
