@@ -51,8 +51,32 @@ fn container_kind(p: &Program, ctx: Ctx, v: &Value) -> Option<String> {
     }
 }
 
+/// The last names of the callables that make a container.
+const CONTAINER_TYPES: &[&str] = &[
+    "dict",
+    "list",
+    "set",
+    "defaultdict",
+    "OrderedDict",
+    "deque",
+    "Counter",
+];
+
 /// Every long-lived container in the program.
 pub fn containers(p: &Program) -> BTreeMap<Place, Container> {
+    containers_among(p, &alias_names(p))
+}
+
+/// [`containers`], given [`alias_names`]: a call is resolved only when its
+/// callee's last name is a container type's or may stand for one.
+fn containers_among(p: &Program, aliases: &FxHashSet<&str>) -> BTreeMap<Place, Container> {
+    let maybe = |v: &Value| match v {
+        Value::Call { func, .. } => {
+            let last = func.last();
+            CONTAINER_TYPES.contains(&last) || aliases.contains(last)
+        }
+        _ => true,
+    };
     let mut out = BTreeMap::new();
     for (fi, file) in p.files.iter().enumerate() {
         let fi = fi as u32;
@@ -62,6 +86,9 @@ pub fn containers(p: &Program) -> BTreeMap<Place, Container> {
             class: None,
         };
         for (name, g) in &file.scope.globals {
+            if !maybe(&g.value) {
+                continue;
+            }
             if let Some(kind) = container_kind(p, ctx, &g.value) {
                 let place = Place::Global(fi, name.clone());
                 out.insert(
@@ -91,7 +118,7 @@ pub fn containers(p: &Program) -> BTreeMap<Place, Container> {
                 let in_init = attr
                     .in_function
                     .is_some_and(|f| file.functions[f].name == "__init__");
-                if !attr.class_level && !in_init {
+                if (!attr.class_level && !in_init) || !maybe(&attr.value) {
                     continue;
                 }
                 if let Some(kind) = container_kind(p, ctx, &attr.value) {
@@ -114,7 +141,8 @@ pub fn containers(p: &Program) -> BTreeMap<Place, Container> {
 }
 
 pub(crate) fn findings(p: &Program) -> Vec<Finding> {
-    let defs = containers(p);
+    let aliases = alias_names(p);
+    let defs = containers_among(p, &aliases);
     // Functions used as decorators run at import time: their adds register.
     let mut decorators: BTreeSet<FnId> = BTreeSet::new();
     for (id, f) in p.functions() {
@@ -144,10 +172,19 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
         bounds: usize,
     }
     let mut uses: BTreeMap<Place, Uses> = BTreeMap::new();
-    let reaching = reaching_names(p, &defs);
+    // A reference ending in a name no container has, and that cannot
+    // stand for another place, resolves to a place of that name: not one
+    // of `defs`. It is not resolved at all.
+    let def_names: FxHashSet<&str> = defs
+        .keys()
+        .map(|place| match place {
+            Place::Global(_, n) | Place::Attr(_, n) | Place::Syntactic(n) => n.as_str(),
+        })
+        .collect();
+    let reaching = |name: &str| aliases.contains(name) || def_names.contains(name);
     for (fi, file) in p.files.iter().enumerate() {
         for op in &file.container_ops {
-            if !reaching.contains(op.target.last()) {
+            if !reaching(op.target.last()) {
                 continue;
             }
             let id = FnId {
@@ -267,19 +304,11 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
     out
 }
 
-/// The last names through which a reference can reach a container: the
-/// containers' own, and every name that may stand for another place (an
-/// alias, a `Condition(lock)`-like call, a name imported under another
-/// name). A reference ending in any other name resolves to a place of that
-/// name, so it cannot be one of `defs`; it is not resolved at all.
-fn reaching_names<'p>(p: &'p Program, defs: &'p BTreeMap<Place, Container>) -> FxHashSet<&'p str> {
+/// The names that may stand for another place or callable: an alias
+/// (`x = other.y`), a `Condition(lock)`-like call, a name imported under
+/// another name. Any other name resolves to something of its own name.
+fn alias_names(p: &Program) -> FxHashSet<&str> {
     let mut out: FxHashSet<&str> = FxHashSet::default();
-    for place in defs.keys() {
-        match place {
-            Place::Global(_, n) | Place::Attr(_, n) => out.insert(n.as_str()),
-            Place::Syntactic(s) => out.insert(s.as_str()),
-        };
-    }
     let may_alias = |v: &Value| {
         matches!(
             v,
