@@ -260,18 +260,15 @@ pub fn graph(p: &Program) -> LockGraph {
     let roots: Vec<usize> = (0..n)
         .filter(|&i| p.function(ids[i]).calls.iter().any(|c| holding(i, c)))
         .collect();
-    let mut reached = vec![false; n];
-    for &i in &roots {
-        for (c, callee) in p.function(ids[i]).calls.iter().zip(p.callees_of(i)) {
-            if let Callee::Project(t) = callee
-                && holding(i, c)
-            {
-                reached[p.dense(*t)] = true;
+    let held_callees = roots.iter().flat_map(|&i| {
+        (p.function(ids[i]).calls.iter().zip(p.callees_of(i))).filter_map(move |(c, callee)| {
+            match callee {
+                Callee::Project(t) if holding(i, c) => Some(p.dense(*t)),
+                _ => None,
             }
-        }
-    }
-    let from: Vec<usize> = (0..n).filter(|&i| reached[i]).collect();
-    let reached = p.reachable(from, |_, _| true);
+        })
+    });
+    let reached = p.reachable(held_callees, |_, _| true);
     // Calls to project functions, per function: (callee dense, line, held).
     let project_calls = |i: usize| -> Vec<(usize, u32, &[u32])> {
         let id = ids[i];
