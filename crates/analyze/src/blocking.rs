@@ -147,11 +147,10 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
     // Only the synchronous functions coroutines reach (through calls they
     // do not await) can block an event loop: resolve and propagate over
     // those alone.
-    let sync_call = |_: FnId, c: &CallFact| !c.awaited;
     let coroutines: Vec<usize> = (p.functions().enumerate())
         .filter_map(|(i, (_, f))| f.is_async.then_some(i))
         .collect();
-    let mut reached = p.reachable(coroutines.iter().copied(), sync_call);
+    let mut reached = p.reachable(coroutines.iter().copied(), |c: &CallFact| !c.awaited);
     for &i in &coroutines {
         reached[i] = false;
     }

@@ -268,7 +268,7 @@ pub fn graph(p: &Program) -> LockGraph {
             }
         })
     });
-    let reached = p.reachable(held_callees, |_, _| true);
+    let reached = p.reachable(held_callees, |_| true);
     // Calls to project functions, per function: (callee dense, line, held).
     let project_calls = |i: usize| -> Vec<(usize, u32, &[u32])> {
         let id = ids[i];

@@ -189,12 +189,12 @@ impl Program {
     }
 
     /// Every function reachable from `roots` through project calls for
-    /// which `follow(caller, call)` holds (the roots included), as a mask
+    /// which `follow(call)` holds (the roots included), as a mask
     /// by dense index.
     pub fn reachable(
         &self,
         roots: impl IntoIterator<Item = usize>,
-        follow: impl Fn(FnId, &CallFact) -> bool,
+        follow: impl Fn(&CallFact) -> bool,
     ) -> Vec<bool> {
         let mut seen = vec![false; self.fn_count()];
         let mut stack: Vec<usize> = Vec::new();
@@ -208,7 +208,7 @@ impl Program {
             let calls = &self.function(id).calls;
             for (c, callee) in calls.iter().zip(self.callees_of(i)) {
                 if let Callee::Project(g) = callee
-                    && follow(id, c)
+                    && follow(c)
                 {
                     let d = self.dense(*g);
                     if !std::mem::replace(&mut seen[d], true) {
