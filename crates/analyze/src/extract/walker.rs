@@ -8,25 +8,7 @@ use ruff_text_size::Ranged;
 use super::env::*;
 use super::{FileCx, adds_to_container, removes_from_container};
 use crate::facts::*;
-use crate::leaks::{Consumed, callee_last, maybe_acquires};
-
-/// Whether an expression calls something that may acquire a resource.
-fn may_acquire_in(e: &Expr) -> bool {
-    struct A(bool);
-    impl<'a> Visitor<'a> for A {
-        fn visit_expr(&mut self, e: &'a Expr) {
-            if let Expr::Call(c) = e {
-                self.0 |= maybe_acquires(callee_last(&c.func));
-            }
-            if !self.0 {
-                visitor::walk_expr(self, e);
-            }
-        }
-    }
-    let mut a = A(false);
-    a.visit_expr(e);
-    a.0
-}
+use crate::leaks::{Consumed, acquires_in, callee_last, maybe_acquires};
 
 /// Walks one function body (not nested definitions, which get their own).
 pub(super) struct FnWalker<'c, 'f, 'e> {
@@ -352,7 +334,7 @@ impl<'a> Visitor<'a> for FnWalker<'_, '_, '_> {
             // Runs later, if at all: only what it consumes or acquires counts.
             Expr::Lambda(_) => {
                 self.consumed.visit_expr(expr);
-                self.may_acquire |= may_acquire_in(expr);
+                self.may_acquire |= acquires_in(expr);
             }
             Expr::Yield(_) => {
                 self.consumed.expr(expr);

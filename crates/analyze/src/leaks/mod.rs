@@ -26,7 +26,7 @@ mod syntax;
 pub use ownership::{Consumed, consumed_params};
 use ownership::{Escape, escape, releases};
 use syntax::*;
-pub use syntax::{acquisition, callee_last, maybe_acquires, release_text};
+pub use syntax::{acquires_in, acquisition, callee_last, maybe_acquires, release_text};
 
 struct Res {
     var: String,

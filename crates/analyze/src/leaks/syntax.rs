@@ -127,32 +127,43 @@ pub fn maybe_acquires(last: &str) -> bool {
 }
 
 pub(super) fn any_acquisition(body: &[Stmt]) -> bool {
-    struct A(bool);
-    impl<'a> Visitor<'a> for A {
-        fn visit_stmt(&mut self, stmt: &'a Stmt) {
-            if self.0 || matches!(stmt, Stmt::FunctionDef(_) | Stmt::ClassDef(_)) {
-                return;
-            }
-            visitor::walk_stmt(self, stmt);
-        }
-        fn visit_expr(&mut self, expr: &'a Expr) {
-            if self.0 {
-                return;
-            }
-            if let Expr::Call(c) = expr
-                && maybe_acquires(callee_last(&c.func))
-            {
-                self.0 = true;
-                return;
-            }
-            visitor::walk_expr(self, expr);
-        }
-    }
-    let mut a = A(false);
+    let mut a = AcquiringCall(false);
     for s in body {
         a.visit_stmt(s);
     }
     a.0
+}
+
+/// Whether an expression (a lambda, say) calls something that may acquire
+/// a resource: [`any_acquisition`] for one expression.
+pub fn acquires_in(e: &Expr) -> bool {
+    let mut a = AcquiringCall(false);
+    a.visit_expr(e);
+    a.0
+}
+
+/// Finds a call that [`maybe_acquires`], outside nested definitions.
+struct AcquiringCall(bool);
+
+impl<'a> Visitor<'a> for AcquiringCall {
+    fn visit_stmt(&mut self, stmt: &'a Stmt) {
+        if self.0 || matches!(stmt, Stmt::FunctionDef(_) | Stmt::ClassDef(_)) {
+            return;
+        }
+        visitor::walk_stmt(self, stmt);
+    }
+    fn visit_expr(&mut self, expr: &'a Expr) {
+        if self.0 {
+            return;
+        }
+        if let Expr::Call(c) = expr
+            && maybe_acquires(callee_last(&c.func))
+        {
+            self.0 = true;
+            return;
+        }
+        visitor::walk_expr(self, expr);
+    }
 }
 
 pub(super) fn is_name(e: &Expr, name: &str) -> bool {
