@@ -48,6 +48,24 @@ fn disable_transparent_huge_pages() {
     }
 }
 
+/// [`disable_transparent_huge_pages`] before anything allocates: an ELF
+/// constructor runs before Rust's runtime, whose first allocations (the
+/// main thread's info, then the argument and logging tables) otherwise
+/// fault in whole 2 MiB pages of mimalloc's first arena, zeroed by the
+/// kernel: three per `analyze` run here, on the serial start-up path.
+// SAFETY: `.init_array` holds plain `extern "C" fn()` pointers that the
+// dynamic loader calls once, single-threaded, before `main`; the function
+// only stores an option in mimalloc and calls prctl (see its own SAFETY
+// notes), both valid before Rust's runtime is set up.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static DISABLE_THP_BEFORE_MAIN: extern "C" fn() = {
+    extern "C" fn run() {
+        disable_transparent_huge_pages();
+    }
+    run
+};
+
 /// For a one-shot batch command (`analyze`, `repair`); not for the agent,
 /// which runs for months: never hand freed memory back to the kernel. By
 /// default mimalloc purges free pages after a delay, and `analyze` (parse a
@@ -70,7 +88,6 @@ fn keep_freed_memory() {
 fn main() -> ExitCode {
     let cli = pymedic::cli::Cli::parse();
     pymedic::cli::init_logging(cli.verbose);
-    disable_transparent_huge_pages();
     if matches!(
         cli.command,
         pymedic::cli::Command::Analyze(_) | pymedic::cli::Command::Repair(_)
