@@ -9,9 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use pymedic_model::{Finding, Kind, Layer, Related, Severity};
 use serde_json::json;
 
-use rustc_hash::FxHashSet;
+use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::facts::{Binding, ContainerKind, OpKind, Value};
+use crate::facts::{Binding, ContainerKind, Name, OpKind, Root, Value};
 use crate::report::finding;
 use crate::symbols::{ClassId, Ctx, FnId, Place, Program, Ty};
 
@@ -90,7 +90,7 @@ fn containers_among(p: &Program, aliases: &FxHashSet<&str>) -> BTreeMap<Place, C
                 continue;
             }
             if let Some(kind) = container_kind(p, ctx, &g.value) {
-                let place = Place::Global(fi, name.clone());
+                let place = Place::Global(fi, name.to_string());
                 out.insert(
                     place.clone(),
                     Container {
@@ -122,7 +122,7 @@ fn containers_among(p: &Program, aliases: &FxHashSet<&str>) -> BTreeMap<Place, C
                     continue;
                 }
                 if let Some(kind) = container_kind(p, ctx, &attr.value) {
-                    let place = Place::Attr(cid, name.clone());
+                    let place = Place::Attr(cid, name.to_string());
                     out.insert(
                         place.clone(),
                         Container {
@@ -182,6 +182,7 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
         })
         .collect();
     let reaching = |name: &str| aliases.contains(name) || def_names.contains(name);
+    let mut on_self: FxHashMap<(u32, u32, &[Name]), Option<Place>> = FxHashMap::default();
     for (fi, file) in p.files.iter().enumerate() {
         for op in &file.container_ops {
             if !reaching(op.target.last()) {
@@ -191,7 +192,16 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
                 file: fi as u32,
                 func: op.function as u32,
             };
-            let Some(place) = p.resolve(p.ctx(id), &op.target).place else {
+            let ctx = p.ctx(id);
+            let place = match (&op.target.root, ctx.class) {
+                // `self.x…` resolves the same from every method of a class.
+                (Root::SelfObj, Some(class)) => on_self
+                    .entry((ctx.file, class, op.target.attrs.as_slice()))
+                    .or_insert_with(|| p.resolve(ctx, &op.target).place)
+                    .clone(),
+                _ => p.resolve(ctx, &op.target).place,
+            };
+            let Some(place) = place else {
                 continue;
             };
             let Some(def) = defs.get(&place) else {
@@ -305,24 +315,40 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
 }
 
 /// The names that may stand for another place or callable: an alias
-/// (`x = other.y`), a `Condition(lock)`-like call, a name imported under
-/// another name. Any other name resolves to something of its own name.
+/// (`x = other.y`), a name imported under another name, and a call that
+/// [`Program`] resolves to its first argument: a `Condition(lock)`. Any
+/// other name resolves to something of its own name.
+///
+/// A call stands for its first argument only when its callee resolves to a
+/// `Condition` class, so its callee's last name is `Condition` or itself a
+/// name that may stand for another (an alias, `from threading import
+/// Condition as C`, or another such call): found by iterating to a fixpoint.
 fn alias_names(p: &Program) -> FxHashSet<&str> {
     let mut out: FxHashSet<&str> = FxHashSet::default();
-    let may_alias = |v: &Value| {
-        matches!(
-            v,
-            Value::Alias(_)
-                | Value::Call {
+    // (name, its callee's last name) of each call with a first argument.
+    let mut calls: Vec<(&str, &str)> = Vec::new();
+    for file in &p.files {
+        let values = file
+            .scope
+            .globals
+            .iter()
+            .map(|(n, g)| (n.as_str(), &g.value))
+            .chain(
+                file.classes
+                    .iter()
+                    .flat_map(|c| c.attrs.iter().map(|(n, a)| (n.as_str(), &a.value))),
+            );
+        for (name, v) in values {
+            match v {
+                Value::Alias(_) => {
+                    out.insert(name);
+                }
+                Value::Call {
+                    func,
                     first_arg: Some(_),
                     ..
-                }
-        )
-    };
-    for file in &p.files {
-        for (name, g) in &file.scope.globals {
-            if may_alias(&g.value) {
-                out.insert(name);
+                } => calls.push((name, func.last())),
+                _ => {}
             }
         }
         for (local, b) in &file.scope.imports {
@@ -330,15 +356,20 @@ fn alias_names(p: &Program) -> FxHashSet<&str> {
                 out.insert(local);
             }
         }
-        for class in &file.classes {
-            for (name, attr) in &class.attrs {
-                if may_alias(&attr.value) {
-                    out.insert(name);
-                }
+    }
+    loop {
+        let before = out.len();
+        calls.retain(|&(name, callee)| {
+            let condition = callee == "Condition" || out.contains(callee);
+            if condition {
+                out.insert(name);
             }
+            !condition
+        });
+        if out.len() == before {
+            return out;
         }
     }
-    out
 }
 
 fn def_function(p: &Program, place: &Place) -> String {

@@ -2,7 +2,7 @@
 //! worker parses a file, extracts its facts and drops the syntax tree, so a
 //! large tree is analysed in bounded memory.
 
-use std::collections::BTreeMap;
+pub use crate::name_map::NameMap;
 
 /// An identifier as the parser interned it: short names inline, long ones
 /// shared, so copying a name into the facts allocates nothing.
@@ -62,9 +62,13 @@ impl PathRef {
     }
 
     pub fn with_attr(&self, a: &str) -> PathRef {
-        let mut p = self.clone();
-        p.attrs.push(Name::new(a));
-        p
+        let mut attrs = Vec::with_capacity(self.attrs.len() + 1);
+        attrs.extend_from_slice(&self.attrs);
+        attrs.push(Name::new(a));
+        PathRef {
+            root: self.root.clone(),
+            attrs,
+        }
     }
 }
 
@@ -133,10 +137,10 @@ pub struct Global {
 
 #[derive(Clone, Debug, Default)]
 pub struct ModuleScope {
-    pub functions: BTreeMap<String, usize>,
-    pub classes: BTreeMap<String, usize>,
-    pub globals: BTreeMap<String, Global>,
-    pub imports: BTreeMap<String, Binding>,
+    pub functions: NameMap<usize>,
+    pub classes: NameMap<usize>,
+    pub globals: NameMap<Global>,
+    pub imports: NameMap<Binding>,
 }
 
 #[derive(Clone, Debug)]
@@ -145,9 +149,9 @@ pub struct ClassFacts {
     pub qualname: String,
     pub line: u32,
     pub bases: Vec<PathRef>,
-    pub methods: BTreeMap<String, usize>,
+    pub methods: NameMap<usize>,
     /// Class-body assignments and `self.x = ...` in methods (first wins).
-    pub attrs: BTreeMap<String, Attr>,
+    pub attrs: NameMap<Attr>,
 }
 
 #[derive(Clone, Debug)]
@@ -193,7 +197,7 @@ pub struct CallFact {
 
 #[derive(Clone, Debug)]
 pub struct FunctionFacts {
-    pub name: String,
+    pub name: Name,
     /// `Class.method`, `outer.<locals>.inner`.
     pub qualname: String,
     pub class: Option<usize>,
@@ -202,13 +206,13 @@ pub struct FunctionFacts {
     pub is_async: bool,
     pub line: u32,
     pub end_line: u32,
-    pub params: Vec<String>,
+    pub params: Vec<Name>,
     /// Per parameter: the function closes, stores, returns or hands it on.
     pub consumes: Vec<bool>,
-    pub returns: Option<PathRef>,
+    pub returns: Option<Box<PathRef>>,
     pub decorators: Vec<PathRef>,
     /// Nested `def`s by name.
-    pub local_defs: BTreeMap<String, usize>,
+    pub local_defs: NameMap<usize>,
     pub acquires: Vec<AcquireFact>,
     pub calls: Vec<CallFact>,
     /// Decorated with `functools.cache` / `lru_cache(maxsize=None)`.

@@ -24,6 +24,7 @@ pub mod facts;
 pub mod imports;
 pub mod leaks;
 pub mod locks;
+mod name_map;
 mod report;
 pub mod source;
 pub mod symbols;

@@ -257,7 +257,10 @@ pub fn graph(p: &Program) -> LockGraph {
     // resolved and whose takes are propagated.
     let holding =
         |i: usize, c: &CallFact| c.held.iter().any(|&h| acquires[i][h as usize].is_some());
+    // (A function that takes nothing holds nothing: its calls, most of the
+    // program's, are not even looked at.)
     let roots: Vec<usize> = (0..n)
+        .filter(|&i| !acquires[i].is_empty())
         .filter(|&i| p.function(ids[i]).calls.iter().any(|c| holding(i, c)))
         .collect();
     let held_callees = roots.iter().flat_map(|&i| {

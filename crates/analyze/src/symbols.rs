@@ -82,7 +82,7 @@ pub struct Program {
     pub files: Vec<FileFacts>,
     pub modules: FxHashMap<String, u32>,
     /// Method name → the project methods of that name.
-    methods: OnceLock<FxHashMap<String, Vec<FnId>>>,
+    methods: OnceLock<FxHashMap<Name, Vec<FnId>>>,
     /// Dense function numbering: file i's functions start at `fn_base[i]`.
     fn_base: Vec<u32>,
     /// Per dense function, per call site: what it calls (resolved on
@@ -122,9 +122,9 @@ impl Program {
     }
 
     /// Method name → the project methods of that name (built on first use).
-    fn methods(&self) -> &FxHashMap<String, Vec<FnId>> {
+    fn methods(&self) -> &FxHashMap<Name, Vec<FnId>> {
         self.methods.get_or_init(|| {
-            let mut methods: FxHashMap<String, Vec<FnId>> = FxHashMap::default();
+            let mut methods: FxHashMap<Name, Vec<FnId>> = FxHashMap::default();
             for (i, f) in self.files.iter().enumerate() {
                 for c in &f.classes {
                     for (name, &m) in &c.methods {

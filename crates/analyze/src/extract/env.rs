@@ -37,19 +37,34 @@ impl Env<'_> {
 
     /// The reference an expression denotes, locals substituted.
     pub(super) fn path(&self, e: &Expr) -> Option<PathRef> {
-        match e {
-            Expr::Name(n) => Some(self.name(&n.id)),
-            Expr::Attribute(a) => {
-                let mut p = self.path(&a.value)?;
-                p.attrs.push(a.attr.id.clone());
-                Some(p)
-            }
-            Expr::Call(c) => Some(PathRef {
+        // The attribute chain's length, then its root: the attributes are
+        // allocated once, at their exact size (most facts are kept to the
+        // end of the run, so spare capacity would only cost memory).
+        let (mut depth, mut root) = (0, e);
+        while let Expr::Attribute(a) = root {
+            depth += 1;
+            root = &a.value;
+        }
+        let mut p = match root {
+            Expr::Name(n) => self.name(&n.id),
+            Expr::Call(c) => PathRef {
                 root: Root::Instance(Box::new(self.path(&c.func)?)),
                 attrs: Vec::new(),
-            }),
-            _ => None,
+            },
+            _ => return None,
+        };
+        if depth > 0 {
+            let end = p.attrs.len() + depth;
+            p.attrs.reserve_exact(depth);
+            p.attrs.resize(end, Name::empty());
+            let (mut i, mut at) = (end, e);
+            while let Expr::Attribute(a) = at {
+                i -= 1;
+                p.attrs[i] = a.attr.id.clone();
+                at = &a.value;
+            }
         }
+        Some(p)
     }
 
     pub(super) fn name(&self, n: &Name) -> PathRef {

@@ -2,8 +2,6 @@
 //! function the lock acquisitions (with what is held), calls, container
 //! operations and resource leaks.
 
-use std::collections::BTreeMap;
-
 use ruff_python_ast::visitor::Visitor;
 use ruff_python_ast::{self as ast, Expr, Stmt};
 use ruff_text_size::Ranged;
@@ -150,13 +148,13 @@ impl FileCx<'_> {
                     });
                     if bind {
                         let (name, binding) = match &alias.asname {
-                            Some(a) => (a.id.as_str().to_owned(), Binding::Module(full)),
+                            Some(a) => (a.id.clone(), Binding::Module(full)),
                             None => {
                                 let top = full.split('.').next().unwrap_or_default().to_owned();
-                                (top.clone(), Binding::Module(top))
+                                (Name::new(&top), Binding::Module(top))
                             }
                         };
-                        self.facts.scope.imports.entry(name).or_insert(binding);
+                        self.facts.scope.imports.or_insert_with(&name, || binding);
                     }
                 }
             }
@@ -178,18 +176,11 @@ impl FileCx<'_> {
                         if alias.name.id.as_str() == "*" {
                             continue;
                         }
-                        let local = alias
-                            .asname
-                            .as_ref()
-                            .unwrap_or(&alias.name)
-                            .id
-                            .as_str()
-                            .to_owned();
+                        let local = &alias.asname.as_ref().unwrap_or(&alias.name).id;
                         self.facts
                             .scope
                             .imports
-                            .entry(local)
-                            .or_insert(Binding::From {
+                            .or_insert_with(local, || Binding::From {
                                 module: module.clone(),
                                 name: alias.name.id.as_str().to_owned(),
                             });
@@ -206,30 +197,21 @@ impl FileCx<'_> {
                 Stmt::Import(_) | Stmt::ImportFrom(_) => self.import(stmt, deferred, true),
                 Stmt::FunctionDef(f) => {
                     let (idx, _) = self.function(f, None, None, "");
-                    self.facts
-                        .scope
-                        .functions
-                        .insert(f.name.id.as_str().to_owned(), idx);
+                    self.facts.scope.functions.insert(&f.name.id, idx);
                 }
                 Stmt::ClassDef(c) => {
                     let idx = self.class(c, "");
-                    self.facts
-                        .scope
-                        .classes
-                        .insert(c.name.id.as_str().to_owned(), idx);
+                    self.facts.scope.classes.insert(&c.name.id, idx);
                 }
                 Stmt::Assign(a) => {
                     let value = self.module_value(&a.value);
                     for t in &a.targets {
                         if let Expr::Name(n) = t {
-                            self.facts
-                                .scope
-                                .globals
-                                .entry(n.id.as_str().to_owned())
-                                .or_insert(Global {
-                                    value: value.clone(),
-                                    line: self.lines.line(a.start().to_u32()),
-                                });
+                            let line = self.lines.line(a.start().to_u32());
+                            self.facts.scope.globals.or_insert_with(&n.id, || Global {
+                                value: value.clone(),
+                                line,
+                            });
                         }
                     }
                 }
@@ -240,8 +222,7 @@ impl FileCx<'_> {
                         self.facts
                             .scope
                             .globals
-                            .entry(n.id.as_str().to_owned())
-                            .or_insert(Global { value, line });
+                            .or_insert_with(&n.id, || Global { value, line });
                     }
                 }
                 Stmt::If(i) => {
@@ -288,16 +269,14 @@ impl FileCx<'_> {
             qualname: qualname.clone(),
             line: self.line(c),
             bases,
-            methods: BTreeMap::new(),
-            attrs: BTreeMap::new(),
+            methods: NameMap::new(),
+            attrs: NameMap::new(),
         });
         for stmt in &c.body {
             match stmt {
                 Stmt::FunctionDef(f) => {
                     let (fidx, _) = self.function(f, Some(idx), None, &method_prefix);
-                    self.facts.classes[idx]
-                        .methods
-                        .insert(f.name.id.as_str().to_owned(), fidx);
+                    self.facts.classes[idx].methods.insert(&f.name.id, fidx);
                 }
                 Stmt::Assign(a) => {
                     let value = self.module_value(&a.value);
@@ -306,8 +285,7 @@ impl FileCx<'_> {
                         if let Expr::Name(n) = t {
                             self.facts.classes[idx]
                                 .attrs
-                                .entry(n.id.as_str().to_owned())
-                                .or_insert(Attr {
+                                .or_insert_with(&n.id, || Attr {
                                     value: value.clone(),
                                     line,
                                     class_level: true,
@@ -322,8 +300,7 @@ impl FileCx<'_> {
                         let line = self.line(a);
                         self.facts.classes[idx]
                             .attrs
-                            .entry(n.id.as_str().to_owned())
-                            .or_insert(Attr {
+                            .or_insert_with(&n.id, || Attr {
                                 value,
                                 line,
                                 class_level: true,
@@ -370,21 +347,18 @@ impl FileCx<'_> {
             .iter()
             .find_map(|d| unbounded_cache_decorator(&d.expression).then(|| self.line(d)));
         self.facts.functions.push(FunctionFacts {
-            name: f.name.id.as_str().to_owned(),
+            name: f.name.id.clone(),
             qualname: qualname.clone(),
             class,
             parent: parent.map(|(p, _)| p),
             is_async: f.is_async,
             line: self.line(f),
             end_line: self.lines.line(f.end().to_u32().saturating_sub(1)),
-            params: params
-                .iter()
-                .map(|p| p.name.id.as_str().to_owned())
-                .collect(),
+            params: params.iter().map(|p| p.name.id.clone()).collect(),
             consumes: Vec::new(),
-            returns: f.returns.as_deref().and_then(annotation_path),
+            returns: f.returns.as_deref().and_then(annotation_path).map(Box::new),
             decorators,
-            local_defs: BTreeMap::new(),
+            local_defs: NameMap::new(),
             acquires: Vec::new(),
             calls: Vec::new(),
             unbounded_cache,

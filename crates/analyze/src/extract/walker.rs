@@ -185,7 +185,7 @@ impl FnWalker<'_, '_, '_> {
                         let env = self.env;
                         let value = value_of(v, &|e| env.path(e));
                         let attrs = &mut self.cx.facts.classes[class].attrs;
-                        attrs.entry(a.attr.id.as_str().to_owned()).or_insert(Attr {
+                        attrs.or_insert_with(&a.attr.id, || Attr {
                             value,
                             line,
                             class_level: false,
@@ -240,9 +240,7 @@ impl<'a> Visitor<'a> for FnWalker<'_, '_, '_> {
                 let (child, consumed) =
                     self.cx
                         .function(f, self.class, Some((self.idx, env)), &prefix);
-                self.func()
-                    .local_defs
-                    .insert(f.name.id.as_str().to_owned(), child);
+                self.func().local_defs.insert(&f.name.id, child);
                 // What the nested body consumes, the enclosing one does too
                 // (a closure that closes a parameter); so does its header.
                 self.consumed.0.extend(consumed.0);
