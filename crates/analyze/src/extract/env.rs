@@ -8,11 +8,14 @@ use ruff_python_ast::{self as ast, Expr, Stmt};
 
 use crate::facts::*;
 
+/// Local name → what it is bound to (see [`Env`]).
+pub(crate) type VarTable = FxHashMap<Name, Option<PathRef>>;
+
 /// A function's locals: `Some(path)` when the name is bound to something we
 /// can name, `None` for an opaque local. `outer` is the enclosing function's.
 #[derive(Default)]
 pub(crate) struct Env<'o> {
-    pub(super) vars: FxHashMap<Name, Option<PathRef>>,
+    pub(super) vars: VarTable,
     pub(super) globals: BTreeSet<Name>,
     pub(super) self_name: Option<Name>,
     pub(super) outer: Option<&'o Env<'o>>,

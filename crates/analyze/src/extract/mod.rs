@@ -81,6 +81,7 @@ pub fn extract(file: &SourceFile, text: &str) -> FileFacts {
         lines: &lines,
         facts: &mut facts,
         calls: Vec::new(),
+        spare_vars: Vec::new(),
     };
     cx.module_body(&parsed.syntax().body, false);
     facts
@@ -93,6 +94,9 @@ pub(super) struct FileCx<'f> {
     /// function's calls are pushed after its parent's so far and split off
     /// when it ends, so each function's list is allocated once, at its size.
     pub(super) calls: Vec<CallFact>,
+    /// Emptied local tables of the functions walked so far, reused by the
+    /// next ones (one table per nesting level is live at a time).
+    pub(super) spare_vars: Vec<VarTable>,
 }
 
 impl FileCx<'_> {
@@ -366,6 +370,7 @@ impl FileCx<'_> {
 
         // Locals: parameters, then assignments in source order.
         let mut env = Env {
+            vars: self.spare_vars.pop().unwrap_or_default(),
             outer: parent.map(|(_, e)| e),
             ..Env::default()
         };
@@ -419,6 +424,9 @@ impl FileCx<'_> {
             let found = leaks::find(&f.body, idx, self.lines, &qualify, &path);
             self.facts.leaks.extend(found);
         }
+        let mut vars = env.vars;
+        vars.clear();
+        self.spare_vars.push(vars);
         (idx, consumed)
     }
 
