@@ -211,12 +211,8 @@ fn on_workers<T: Send>(
 /// finish one, so the big ones start early and the small ones fill the gaps
 /// at the end instead of one worker finishing a large file alone.
 fn largest_first(files: &[SourceFile]) -> Vec<usize> {
-    let sizes: Vec<u64> = files
-        .iter()
-        .map(|f| std::fs::metadata(&f.path).map_or(0, |m| m.len()))
-        .collect();
     let mut order: Vec<usize> = (0..files.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(sizes[i]));
+    order.sort_by_key(|&i| std::cmp::Reverse(files[i].size));
     order
 }
 

@@ -30,6 +30,9 @@ pub struct SourceFile {
     pub module: String,
     /// `__init__.py`.
     pub is_package: bool,
+    /// Its size when discovered (0 if unknown): the largest files are
+    /// parsed first.
+    pub size: u64,
 }
 
 /// Lists the `.py` files under `root` (or `root` itself when it is a file),
@@ -48,7 +51,7 @@ pub fn discover(root: &Path) -> Result<Vec<SourceFile>, AnalyzeError> {
                 path: root.to_path_buf(),
             });
         }
-        paths.push(root.to_path_buf());
+        paths.push((root.to_path_buf(), meta.len()));
     } else {
         walk(root, &mut paths)?;
     }
@@ -61,7 +64,7 @@ pub fn discover(root: &Path) -> Result<Vec<SourceFile>, AnalyzeError> {
     let mut namer = ModuleNamer::default();
     let files = paths
         .into_iter()
-        .map(|path| {
+        .map(|(path, size)| {
             let rel = path
                 .strip_prefix(&base)
                 .unwrap_or(&path)
@@ -74,13 +77,17 @@ pub fn discover(root: &Path) -> Result<Vec<SourceFile>, AnalyzeError> {
                 rel,
                 module,
                 is_package,
+                size,
             }
         })
         .collect();
     Ok(files)
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), AnalyzeError> {
+/// The `.py` files under `dir` with their sizes. A size comes from the
+/// directory entry (a lookup relative to the open directory, not a walk of
+/// the whole path); a symlink's is its target's.
+fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64)>) -> Result<(), AnalyzeError> {
     let entries = std::fs::read_dir(dir).map_err(|source| AnalyzeError::Read {
         path: dir.to_path_buf(),
         source,
@@ -97,7 +104,13 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), AnalyzeError> {
             // the tree is still worth analysing.
             let _ = walk(&entry.path(), out);
         } else if (ft.is_file() || ft.is_symlink()) && name.ends_with(".py") {
-            out.push(entry.path());
+            let path = entry.path();
+            let size = if ft.is_symlink() {
+                std::fs::metadata(&path).map_or(0, |m| m.len())
+            } else {
+                entry.metadata().map_or(0, |m| m.len())
+            };
+            out.push((path, size));
         }
     }
     Ok(())
