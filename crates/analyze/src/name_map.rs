@@ -36,10 +36,6 @@ impl<V> NameMap<V> {
         self.find(name).ok().map(|i| &self.entries[i].1)
     }
 
-    pub fn contains_key(&self, name: &str) -> bool {
-        self.find(name).is_ok()
-    }
-
     /// The value bound to `name`, binding `value()` first if there is none
     /// (the first binding wins, as `entry(..).or_insert_with(..)`).
     pub fn or_insert_with(&mut self, name: &Name, value: impl FnOnce() -> V) -> &mut V {
@@ -64,21 +60,9 @@ impl<V> NameMap<V> {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// In name order.
     pub fn iter(&self) -> impl Iterator<Item = (&Name, &V)> {
-        self.entries.iter().map(|(k, v)| (k, v))
-    }
-
-    pub fn keys(&self) -> impl Iterator<Item = &Name> {
-        self.entries.iter().map(|(k, _)| k)
+        self.into_iter()
     }
 
     pub fn values(&self) -> impl Iterator<Item = &V> {
@@ -110,7 +94,7 @@ mod tests {
         assert_eq!(got, [("a", 1), ("b", 0), ("c", 2)]);
         assert_eq!(m.insert(&Name::new("b"), 9), Some(0));
         assert_eq!(m.get("b"), Some(&9));
-        assert!(!m.contains_key("d"));
-        assert_eq!(m.len(), 3);
+        assert_eq!(m.get("d"), None);
+        assert_eq!(m.iter().count(), 3);
     }
 }
