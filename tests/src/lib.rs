@@ -167,9 +167,30 @@ pub struct PyProc {
 }
 
 impl PyProc {
-    /// Starts `python script args...` and waits (up to 20 s) for the script
-    /// to print a line starting with `READY` on stdout.
+    /// Starts `python script args...` and waits for the script to print a
+    /// line starting with `READY` on stdout.
+    ///
+    /// A program that has not started within 45 s is killed and started once
+    /// more (up to 60 s), after its kernel state is printed: on CI a program
+    /// has twice sat that long in interpreter start-up, before any of its own
+    /// code or pymedic was involved, while the same script on the other
+    /// interpreters started at once. A script that never gets ready still
+    /// fails, on the second attempt.
     pub fn start(python: &Python, script_name: &str, args: &[&str]) -> PyProc {
+        let mut p = PyProc::spawn(python, script_name, args);
+        match p.try_wait_for_line("READY", Duration::from_secs(45)) {
+            Ok(line) => p.ready = line,
+            Err(why) => {
+                eprintln!("{why}\nkilling it and starting {script_name} once more");
+                p.kill();
+                p = PyProc::spawn(python, script_name, args);
+                p.ready = p.wait_for_line("READY", Duration::from_secs(60));
+            }
+        }
+        p
+    }
+
+    fn spawn(python: &Python, script_name: &str, args: &[&str]) -> PyProc {
         let mut child = Command::new(&python.path)
             .arg("-u")
             .arg(script(script_name))
@@ -188,15 +209,13 @@ impl PyProc {
                 }
             }
         });
-        let mut p = PyProc {
+        PyProc {
             child,
             lines: rx,
             python: python.clone(),
             script: script_name.to_owned(),
             ready: String::new(),
-        };
-        p.ready = p.wait_for_line("READY", Duration::from_secs(60));
-        p
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -205,21 +224,28 @@ impl PyProc {
 
     /// Waits for a stdout line starting with `prefix`; returns it.
     pub fn wait_for_line(&mut self, prefix: &str, timeout: Duration) -> String {
+        self.try_wait_for_line(prefix, timeout)
+            .unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// Waits for a stdout line starting with `prefix`; on timeout, says
+    /// what the process was doing.
+    fn try_wait_for_line(&mut self, prefix: &str, timeout: Duration) -> Result<String, String> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(line) if line.starts_with(prefix) => return Ok(line),
                 Ok(_) => continue,
                 Err(_) => {
                     let status = self.child.try_wait().ok().flatten();
-                    panic!(
+                    return Err(format!(
                         "{} {} (pid {}) did not print {prefix:?} within {timeout:?} (exit status: {status:?})\n{}",
                         self.python.label,
                         self.script,
                         self.child.id(),
                         kernel_view(self.child.id())
-                    );
+                    ));
                 }
             }
         }
@@ -232,8 +258,9 @@ impl PyProc {
     }
 }
 
-/// What the kernel says each thread of `pid` is doing (state, wait
-/// channel, kernel stack): printed when a program does not answer.
+/// What the kernel says each thread of `pid` is doing (state, CPU time and
+/// major faults so far, wait channel, current system call and the file it
+/// reads, kernel stack): printed when a program does not answer.
 fn kernel_view(pid: u32) -> String {
     let mut out = String::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -242,18 +269,34 @@ fn kernel_view(pid: u32) -> String {
     for t in tasks.flatten() {
         let dir = t.path();
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
-        let state = read("stat");
-        let state = state
+        let stat = read("stat");
+        // Fields after the command's closing parenthesis: state is field 3.
+        let fields: Vec<&str> = stat
             .rsplit(')')
             .next()
             .unwrap_or("")
             .split_whitespace()
-            .next()
-            .unwrap_or("?")
-            .to_owned();
+            .collect();
+        let field = |n: usize| fields.get(n - 3).copied().unwrap_or("?");
+        let syscall = read("syscall");
+        let mut args = syscall.split_whitespace();
+        let nr = args.next().unwrap_or("?").to_owned();
+        // read, pread64, readv: name the file being read.
+        let file = match (nr.as_str(), args.next()) {
+            ("0" | "17" | "19", Some(fd)) => i64::from_str_radix(fd.trim_start_matches("0x"), 16)
+                .ok()
+                .and_then(|fd| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok())
+                .map(|p| format!(" reading {}", p.display()))
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
         out.push_str(&format!(
-            "  tid {} state {state} wchan {} comm {}{}\n",
+            "  tid {} state {} utime {} stime {} majflt {} wchan {} syscall {nr}{file} comm {}{}\n",
             t.file_name().to_string_lossy(),
+            field(3),
+            field(14),
+            field(15),
+            field(12),
             read("wchan"),
             read("comm").trim_end(),
             read("stack")
