@@ -62,6 +62,9 @@ enum Which {
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    // Every benchmark builds pymedic (nightly rust-src for its eBPF object)
+    // and most run the venv's tools: set up first, as `run` and `test` do.
+    setup::setup_quiet()?;
     match args.what {
         Which::Dump => dump(&args),
         // Each round parses ~300k lines on both sides: 9 rounds (median)
@@ -159,7 +162,6 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn dump(args: &BenchArgs) -> anyhow::Result<()> {
-    setup::setup_quiet()?;
     println!("bench dump: building pymedic (release)");
     cmd::run(cmd::cargo().args(["build", "--release", "--quiet", "-p", "pymedic"]))?;
     let pymedic = workspace_root().join("target/release/pymedic");

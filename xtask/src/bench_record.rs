@@ -169,7 +169,6 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// Runs the benchmark: `rounds` of (baseline, pymedic, py-spy).
 pub fn record(rounds: usize, python_path: Option<&Path>) -> anyhow::Result<()> {
-    crate::setup::setup_quiet()?;
     cmd::run(cmd::cargo().args(["build", "--release", "--quiet", "-p", "pymedic"]))?;
     let root = workspace_root();
     let pymedic = root.join("target/release/pymedic");
