@@ -7,8 +7,11 @@ use clap::Parser;
 
 /// mimalloc: `pymedic analyze` allocates and frees millions of small syntax
 /// nodes across worker threads, where glibc's malloc costs a fifth of the run.
+/// Syntax trees themselves come from a bump arena and are thrown away whole
+/// ([`pymedic_analyze::arena`]).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: pymedic_analyze::arena::ParseArena<mimalloc::MiMalloc> =
+    pymedic_analyze::arena::ParseArena(mimalloc::MiMalloc);
 
 /// `mi_option_purge_delay` in the bundled mimalloc v3's `mi_option_t`
 /// (libmimalloc-sys's named constants follow v2's numbering).

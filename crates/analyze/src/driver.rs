@@ -118,6 +118,7 @@ fn parse_all(files: &[SourceFile], opts: &Options) -> Result<(Vec<FileFacts>, u6
         }
         (facts, n)
     })?;
+    crate::arena::trim();
     let bytes = all.iter().map(|(_, n)| n).sum();
     Ok((all.into_iter().map(|(f, _)| f).collect(), bytes))
 }
@@ -131,12 +132,18 @@ pub fn parse_only(root: &Path, opts: &Options) -> Result<ParseOnly, AnalyzeError
     let all = on_workers(&files, opts, |file| {
         let (text, n) = read(file);
         let text = text.unwrap_or_default();
-        std::hint::black_box(ruff_python_parser::parse_unchecked_source(
-            &text,
-            ruff_python_ast::PySourceType::Python,
-        ));
+        crate::arena::in_arena(
+            || {
+                ruff_python_parser::parse_unchecked_source(
+                    &text,
+                    ruff_python_ast::PySourceType::Python,
+                )
+            },
+            |parsed| std::hint::black_box(parsed.errors().len()),
+        );
         (u64::from(source::LineIndex::new(&text).count(&text)), n)
     })?;
+    crate::arena::trim();
     Ok(ParseOnly {
         files: files.len(),
         lines: all.iter().map(|r| r.0).sum(),

@@ -5,7 +5,8 @@
 pub use crate::name_map::NameMap;
 
 /// An identifier as the parser interned it: short names inline, long ones
-/// shared, so copying a name into the facts allocates nothing.
+/// shared (and copied out of the parse arena when a file's facts are
+/// detached from its tree: [`crate::detach`]).
 pub use ruff_python_ast::name::Name;
 
 /// A reference as written in the source, with locals substituted: `self._lock`,

@@ -14,8 +14,10 @@
 //! (syntax errors: `surface`), `target: None`, and exact sites in `related`.
 //! [`enrich`] explains a runtime finding from the same analysis.
 
+pub mod arena;
 pub mod blocking;
 pub mod containers;
+mod detach;
 mod driver;
 pub mod enrich;
 mod error;

@@ -68,6 +68,14 @@ impl<V> NameMap<V> {
     pub fn values(&self) -> impl Iterator<Item = &V> {
         self.entries.iter().map(|(_, v)| v)
     }
+
+    /// Every entry, mutably. A key may be replaced only by a name with the
+    /// same text (the order is kept): [`crate::detach`] copies names.
+    pub(crate) fn for_each_mut(&mut self, mut f: impl FnMut(&mut Name, &mut V)) {
+        for (k, v) in &mut self.entries {
+            f(k, v);
+        }
+    }
 }
 
 impl<'a, V> IntoIterator for &'a NameMap<V> {

@@ -238,7 +238,18 @@ pub(super) fn annotation_path(e: &Expr) -> Option<PathRef> {
             }
         }
         Expr::StringLiteral(s) => {
-            let text = s.value.to_str();
+            // Not `to_str()`: on an implicitly concatenated literal it caches
+            // the joined text in the tree, on the heap, and trees from the
+            // parse arena are forgotten, not dropped.
+            let text: std::borrow::Cow<str> = if s.value.is_implicit_concatenated() {
+                s.value
+                    .iter()
+                    .map(|part| &*part.value)
+                    .collect::<String>()
+                    .into()
+            } else {
+                s.value.to_str().into()
+            };
             let ok = !text.is_empty()
                 && text
                     .split('.')

@@ -6,6 +6,7 @@ use ruff_python_ast::visitor::Visitor;
 use ruff_python_ast::{self as ast, Expr, Stmt};
 use ruff_text_size::Ranged;
 
+use crate::detach::Detach;
 use crate::facts::*;
 use crate::leaks::{self, Consumed};
 
@@ -49,7 +50,22 @@ pub(super) fn removes_from_container(name: &str) -> bool {
 /// Parses `text` (the contents of `file`) and extracts its facts. Syntax
 /// errors are recorded and the recovered tree is still analysed.
 pub fn extract(file: &SourceFile, text: &str) -> FileFacts {
-    let parsed = ruff_python_parser::parse_unchecked_source(text, ast::PySourceType::Python);
+    crate::arena::in_arena(
+        || ruff_python_parser::parse_unchecked_source(text, ast::PySourceType::Python),
+        |parsed| {
+            let mut facts = extract_parsed(file, text, parsed);
+            facts.detach(&|n: &Name| crate::arena::contains(n.as_str().as_ptr()));
+            facts
+        },
+    )
+}
+
+/// [`extract`] from the parsed tree.
+fn extract_parsed(
+    file: &SourceFile,
+    text: &str,
+    parsed: &ruff_python_parser::Parsed<ast::ModModule>,
+) -> FileFacts {
     let lines = LineIndex::new(text);
     let syntax_errors = parsed
         .errors()
