@@ -55,7 +55,7 @@ pub fn discover(root: &Path) -> Result<Vec<SourceFile>, AnalyzeError> {
     } else {
         walk(root, &mut paths)?;
     }
-    paths.sort();
+    paths.sort_by_cached_key(|(p, _)| path_key(p));
     let base = if meta.is_file() {
         root.parent().unwrap_or(Path::new("")).to_path_buf()
     } else {
@@ -82,6 +82,23 @@ pub fn discover(root: &Path) -> Result<Vec<SourceFile>, AnalyzeError> {
         })
         .collect();
     Ok(files)
+}
+
+/// A key that sorts as [`Path`]'s own order (component by component), but
+/// by plain byte comparison: the path's bytes with each `/` made a 0 byte,
+/// which ranks below every byte a name can hold. For paths built by joining
+/// names onto one root, as [`walk`]'s are. (Sorting the standard library's
+/// paths by `Path` parsed their components at every comparison: 4 M
+/// instructions before any worker started.)
+fn path_key(p: &Path) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut key = p.as_os_str().as_bytes().to_vec();
+    for b in &mut key {
+        if *b == b'/' {
+            *b = 0;
+        }
+    }
+    key
 }
 
 /// The `.py` files under `dir` with their sizes. A size comes from the
@@ -121,6 +138,8 @@ fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64)>) -> Result<(), AnalyzeError> {
 #[derive(Default)]
 struct ModuleNamer {
     is_package_dir: FxHashMap<PathBuf, bool>,
+    package_names: FxHashMap<PathBuf, Option<String>>,
+    last_package: Option<(PathBuf, Option<String>)>,
 }
 
 impl ModuleNamer {
@@ -138,23 +157,45 @@ impl ModuleNamer {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let mut parts = Vec::new();
-        if stem != "__init__" {
-            parts.push(stem);
+        let package = file.parent().and_then(|d| self.package_name(d));
+        match (package, stem == "__init__") {
+            (Some(p), true) => p,
+            (Some(p), false) => format!("{p}.{stem}"),
+            (None, true) => String::new(),
+            (None, false) => stem,
         }
-        let mut dir = file.parent().map(Path::to_path_buf);
-        while let Some(d) = dir {
-            if d.as_os_str().is_empty() || !self.is_package(&d) {
-                break;
+    }
+
+    /// The dotted name of the package `dir` is (None if it is not one):
+    /// every enclosing directory with an `__init__.py`, outermost first.
+    /// Remembered per directory; the files come sorted, so most lookups
+    /// repeat the last one.
+    fn package_name(&mut self, dir: &Path) -> Option<String> {
+        if let Some((last, name)) = &self.last_package {
+            if last == dir {
+                return name.clone();
             }
-            match d.file_name() {
-                Some(n) => parts.push(n.to_string_lossy().into_owned()),
-                None => break,
-            }
-            dir = d.parent().map(Path::to_path_buf);
         }
-        parts.reverse();
-        parts.join(".")
+        let name = match self.package_names.get(dir) {
+            Some(name) => name.clone(),
+            None => {
+                let name = if dir.as_os_str().is_empty() || !self.is_package(dir) {
+                    None
+                } else {
+                    dir.file_name().map(|n| {
+                        let n = n.to_string_lossy();
+                        match dir.parent().and_then(|p| self.package_name(p)) {
+                            Some(outer) => format!("{outer}.{n}"),
+                            None => n.into_owned(),
+                        }
+                    })
+                };
+                self.package_names.insert(dir.to_path_buf(), name.clone());
+                name
+            }
+        };
+        self.last_package = Some((dir.to_path_buf(), name.clone()));
+        name
     }
 }
 
@@ -215,6 +256,29 @@ mod tests {
         assert_eq!(idx.count(text), 4);
         assert_eq!(LineIndex::new("a\n").count("a\n"), 1);
         assert_eq!(idx.line_start(2), 2);
+    }
+
+    #[test]
+    fn paths_sort_as_path_orders_them() {
+        let names = [
+            "/r/a/b.py",
+            "/r/a.b.py",
+            "/r/a-c/x.py",
+            "/r/ab/c.py",
+            "/r/a/c.py",
+            "/r/a.py",
+            "/r/a/b/c.py",
+            "/r/A.py",
+            "/r/é.py",
+            "/r/a /x.py",
+            "/r/a0.py",
+            "/r/a/__init__.py",
+        ];
+        let mut ours: Vec<&Path> = names.iter().map(Path::new).collect();
+        let mut std_order = ours.clone();
+        ours.sort_by_cached_key(|p| path_key(p));
+        std_order.sort();
+        assert_eq!(ours, std_order);
     }
 
     #[test]
