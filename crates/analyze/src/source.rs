@@ -171,10 +171,10 @@ impl ModuleNamer {
     /// Remembered per directory; the files come sorted, so most lookups
     /// repeat the last one.
     fn package_name(&mut self, dir: &Path) -> Option<String> {
-        if let Some((last, name)) = &self.last_package {
-            if last == dir {
-                return name.clone();
-            }
+        if let Some((last, name)) = &self.last_package
+            && last == dir
+        {
+            return name.clone();
         }
         let name = match self.package_names.get(dir) {
             Some(name) => name.clone(),
