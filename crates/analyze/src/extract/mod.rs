@@ -13,7 +13,7 @@ use crate::leaks::{self, Consumed};
 mod env;
 mod walker;
 
-use crate::source::{LineIndex, SourceFile};
+use crate::source::{self, LineCursor, SourceFile};
 pub(crate) use env::Env;
 use env::*;
 use walker::FnWalker;
@@ -66,7 +66,7 @@ fn extract_parsed(
     text: &str,
     parsed: &ruff_python_parser::Parsed<ast::ModModule>,
 ) -> FileFacts {
-    let lines = LineIndex::new(text);
+    let lines = LineCursor::new(text);
     let syntax_errors = parsed
         .errors()
         .iter()
@@ -80,7 +80,7 @@ fn extract_parsed(
         rel: file.rel.clone(),
         module: file.module.clone(),
         is_package: file.is_package,
-        lines: lines.count(text),
+        lines: source::count_lines(text),
         syntax_errors,
         imports: Vec::new(),
         scope: ModuleScope::default(),
@@ -104,7 +104,7 @@ fn extract_parsed(
 }
 
 pub(super) struct FileCx<'f> {
-    pub(super) lines: &'f LineIndex,
+    pub(super) lines: &'f LineCursor<'f>,
     pub(super) facts: &'f mut FileFacts,
     /// Call sites of the functions being walked, innermost last: a nested
     /// function's calls are pushed after its parent's so far and split off
@@ -373,7 +373,7 @@ impl FileCx<'_> {
             parent: parent.map(|(p, _)| p),
             is_async: f.is_async,
             line: self.line(f),
-            end_line: self.lines.line(f.end().to_u32().saturating_sub(1)),
+            end_line: 0, // below, once the walk has reached the end
             params: params.iter().map(|p| p.name.id.clone()).collect(),
             consumes: Vec::new(),
             returns: f.returns.as_deref().and_then(annotation_path).map(Box::new),
@@ -429,6 +429,9 @@ impl FileCx<'_> {
             walker.visit_stmt(stmt);
         }
         let (consumed, may_acquire) = (walker.consumed, walker.may_acquire);
+        // The line cursor is near the end now: asking before the walk
+        // moved it there and back (a third of the newline counting).
+        self.facts.functions[idx].end_line = self.lines.line(f.end().to_u32().saturating_sub(1));
         let calls = self.calls.split_off(calls_from);
         self.facts.functions[idx].calls = calls;
 

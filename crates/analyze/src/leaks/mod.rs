@@ -18,7 +18,7 @@ use ruff_python_ast::{self as ast, Expr, Stmt};
 use ruff_text_size::Ranged;
 
 use crate::facts::*;
-use crate::source::LineIndex;
+use crate::source::LineCursor;
 
 mod ownership;
 mod syntax;
@@ -80,7 +80,7 @@ enum Frame {
 pub fn find(
     body: &[Stmt],
     function: usize,
-    lines: &LineIndex,
+    lines: &LineCursor,
     qualify: &dyn Fn(&Expr) -> Option<String>,
     path: &dyn Fn(&Expr) -> Option<PathRef>,
 ) -> Vec<LeakFact> {
@@ -96,11 +96,12 @@ pub fn find(
         released_locks: BTreeSet::new(),
     };
     released_locks(body, &mut w.released_locks);
-    let end_line = body
-        .last()
-        .map(|s| lines.line(s.end().to_u32().saturating_sub(1)))
-        .unwrap_or(0);
     if let Some(state) = w.block(body, State::default()) {
+        // Asked after the walk, where the line cursor already is.
+        let end_line = body
+            .last()
+            .map(|s| lines.line(s.end().to_u32().saturating_sub(1)))
+            .unwrap_or(0);
         for open in state.0.values() {
             w.leak(*open, ExitKind::End, end_line);
         }
@@ -123,7 +124,7 @@ pub fn find(
 }
 
 struct Walker<'l, 'q> {
-    lines: &'l LineIndex,
+    lines: &'l LineCursor<'l>,
     qualify: &'q dyn Fn(&Expr) -> Option<String>,
     path: &'q dyn Fn(&Expr) -> Option<PathRef>,
     res: Vec<Res>,
