@@ -66,12 +66,14 @@ fn slot_start(base: usize, slot: usize) -> usize {
     base + slot * SLOT_BYTES
 }
 
+#[inline]
 fn in_range(ptr: *const u8) -> bool {
     let base = BASE.load(Ordering::Relaxed);
     base > 1 && (ptr as usize).wrapping_sub(base) < SLOTS * SLOT_BYTES
 }
 
 /// Whether `ptr` points into a parse arena (memory a later parse reuses).
+#[inline]
 pub fn contains(ptr: *const u8) -> bool {
     in_range(ptr)
 }
