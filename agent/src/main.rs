@@ -39,7 +39,10 @@ unsafe impl std::alloc::GlobalAlloc for Mimalloc {
                 libmimalloc_sys::mi_malloc_aligned(layout.size(), layout.align()).cast()
             }
         };
-        debug_assert!((p as usize).is_multiple_of(layout.align()), "{layout:?} at {p:?}");
+        debug_assert!(
+            (p as usize).is_multiple_of(layout.align()),
+            "{layout:?} at {p:?}"
+        );
         p
     }
 

@@ -209,9 +209,16 @@ fn on_workers<T: Send>(
                 .collect(),
         )
     })?;
-    let mut all: Vec<(usize, T)> = results.into_iter().flatten().collect();
-    all.sort_by_key(|(i, _)| *i);
-    Ok(all.into_iter().map(|(_, r)| r).collect())
+    // Each result straight to its file's place (sorting moved them all
+    // O(n log n) times, on the serial path).
+    let mut slots: Vec<Option<T>> = std::iter::repeat_with(|| None).take(files.len()).collect();
+    for (i, r) in results.into_iter().flatten() {
+        slots[i] = Some(r);
+    }
+    Ok(slots
+        .into_iter()
+        .map(|r| r.expect("every file has a result: the workers took every index"))
+        .collect())
 }
 
 /// File indices, largest file first: workers take the next file as they
