@@ -27,7 +27,8 @@ use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-/// Slots, one per thread parsing at a time (a bit each in [`FREE`]).
+/// At most this many slots, one per thread parsing at a time (a bit each
+/// in [`FREE`]); [`reserve`] makes two per CPU.
 const SLOTS: usize = 64;
 /// Address space per slot: far more than the largest file's tree (the
 /// standard library's largest needs ~20 MiB); a bigger one falls back.
@@ -37,6 +38,10 @@ const COMMIT_STEP: usize = 4 << 20;
 
 /// Start of the reserved range; 0 before it is reserved, 1 if that failed.
 static BASE: AtomicUsize = AtomicUsize::new(0);
+/// Length of the reserved range (set before [`BASE`]).
+static RESERVED: AtomicUsize = AtomicUsize::new(0);
+/// Whether [`reserve`] succeeded, once it has run.
+static RESERVATION: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 /// Trees thrown away whole so far (see [`trees_thrown_away`]).
 static THROWN_AWAY: AtomicU64 = AtomicU64::new(0);
 /// Cleared by [`set_enabled`]: every tree is then allocated and dropped
@@ -68,8 +73,8 @@ fn slot_start(base: usize, slot: usize) -> usize {
 
 #[inline]
 fn in_range(ptr: *const u8) -> bool {
-    let base = BASE.load(Ordering::Relaxed);
-    base > 1 && (ptr as usize).wrapping_sub(base) < SLOTS * SLOT_BYTES
+    let base = BASE.load(Ordering::Acquire);
+    base > 1 && (ptr as usize).wrapping_sub(base) < RESERVED.load(Ordering::Relaxed)
 }
 
 /// Whether `ptr` points into a parse arena (memory a later parse reuses).
@@ -185,36 +190,41 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for ParseArena<A> {
     }
 }
 
-/// Reserves the address range (inaccessible until committed); false if the
-/// kernel refused, e.g. under an address-space limit.
+/// Reserves the address range (inaccessible until committed), two slots
+/// per CPU (512 MiB of addresses per CPU, no memory); false if the kernel
+/// refused, e.g. under an address-space limit.
 fn reserve() -> bool {
-    let base = BASE.load(Ordering::Acquire);
-    if base != 0 {
-        return base > 1;
-    }
-    // SAFETY: an anonymous PROT_NONE reservation touches nothing of ours;
-    // it uses no memory until parts are made accessible.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            SLOTS * SLOT_BYTES,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    let mine = if p == libc::MAP_FAILED { 1 } else { p as usize };
-    match BASE.compare_exchange(0, mine, Ordering::AcqRel, Ordering::Acquire) {
-        Ok(_) => mine > 1,
-        Err(theirs) => {
-            if mine > 1 {
-                // SAFETY: our own reservation, unused: another thread won.
-                unsafe { libc::munmap(p, SLOTS * SLOT_BYTES) };
-            }
-            theirs > 1
+    *RESERVATION.get_or_init(|| {
+        let slots = std::thread::available_parallelism()
+            .map_or(2, |n| n.get() * 2)
+            .clamp(2, SLOTS);
+        let len = slots * SLOT_BYTES;
+        // SAFETY: an anonymous PROT_NONE reservation touches nothing of
+        // ours; it uses no memory until parts are made accessible.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            BASE.store(1, Ordering::Release);
+            return false;
         }
-    }
+        let mask = if slots == SLOTS {
+            u64::MAX
+        } else {
+            (1u64 << slots) - 1
+        };
+        FREE.store(mask, Ordering::Release);
+        RESERVED.store(len, Ordering::Relaxed);
+        BASE.store(p as usize, Ordering::Release);
+        true
+    })
 }
 
 /// Takes a free slot, if any.
