@@ -137,21 +137,10 @@ fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64)>) -> Result<(), AnalyzeError> {
 /// every enclosing directory with an `__init__.py`.
 #[derive(Default)]
 struct ModuleNamer {
-    is_package_dir: FxHashMap<PathBuf, bool>,
     package_names: FxHashMap<PathBuf, Option<String>>,
-    last_package: Option<(PathBuf, Option<String>)>,
 }
 
 impl ModuleNamer {
-    fn is_package(&mut self, dir: &Path) -> bool {
-        if let Some(&b) = self.is_package_dir.get(dir) {
-            return b;
-        }
-        let b = dir.join("__init__.py").is_file();
-        self.is_package_dir.insert(dir.to_path_buf(), b);
-        b
-    }
-
     fn module_name(&mut self, file: &Path) -> String {
         let stem = file
             .file_stem()
@@ -168,18 +157,12 @@ impl ModuleNamer {
 
     /// The dotted name of the package `dir` is (None if it is not one):
     /// every enclosing directory with an `__init__.py`, outermost first.
-    /// Remembered per directory; the files come sorted, so most lookups
-    /// repeat the last one.
+    /// Remembered per directory.
     fn package_name(&mut self, dir: &Path) -> Option<String> {
-        if let Some((last, name)) = &self.last_package
-            && last == dir
-        {
-            return name.clone();
-        }
-        let name = match self.package_names.get(dir) {
+        match self.package_names.get(dir) {
             Some(name) => name.clone(),
             None => {
-                let name = if dir.as_os_str().is_empty() || !self.is_package(dir) {
+                let name = if dir.as_os_str().is_empty() || !dir.join("__init__.py").is_file() {
                     None
                 } else {
                     dir.file_name().map(|n| {
@@ -193,9 +176,7 @@ impl ModuleNamer {
                 self.package_names.insert(dir.to_path_buf(), name.clone());
                 name
             }
-        };
-        self.last_package = Some((dir.to_path_buf(), name.clone()));
-        name
+        }
     }
 }
 
