@@ -34,15 +34,9 @@ fn main() {
                 s.spawn(|| {
                     while let Some(f) = files.get(next.fetch_add(1, Ordering::Relaxed)) {
                         let text = std::fs::read_to_string(&f.path).unwrap_or_default();
-                        pymedic_analyze::arena::in_arena(
-                            || {
-                                ruff_python_parser::parse_unchecked_source(
-                                    &text,
-                                    ruff_python_ast::PySourceType::Python,
-                                )
-                            },
-                            |p| std::hint::black_box(p.errors().len()),
-                        );
+                        pymedic_analyze::arena::parse_python(&text, |p| {
+                            std::hint::black_box(p.errors().len())
+                        });
                     }
                 });
             }

@@ -301,6 +301,19 @@ pub fn in_arena<T, R>(parse: impl FnOnce() -> T, read: impl FnOnce(&T) -> R) -> 
     result
 }
 
+/// Parses `text` as a Python module in the arena and runs `read` on the
+/// tree (see [`in_arena`]): what the extraction, the parser-only floor and
+/// the timing example all do.
+pub fn parse_python<R>(
+    text: &str,
+    read: impl FnOnce(&ruff_python_parser::Parsed<ruff_python_ast::ModModule>) -> R,
+) -> R {
+    in_arena(
+        || ruff_python_parser::parse_unchecked_source(text, ruff_python_ast::PySourceType::Python),
+        read,
+    )
+}
+
 /// How many trees were thrown away whole since the process started (the
 /// others were dropped node by node).
 pub fn trees_thrown_away() -> u64 {

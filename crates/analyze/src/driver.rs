@@ -132,15 +132,7 @@ pub fn parse_only(root: &Path, opts: &Options) -> Result<ParseOnly, AnalyzeError
     let all = on_workers(&files, opts, |file| {
         let (text, n) = read(file);
         let text = text.unwrap_or_default();
-        crate::arena::in_arena(
-            || {
-                ruff_python_parser::parse_unchecked_source(
-                    &text,
-                    ruff_python_ast::PySourceType::Python,
-                )
-            },
-            |parsed| std::hint::black_box(parsed.errors().len()),
-        );
+        crate::arena::parse_python(&text, |parsed| std::hint::black_box(parsed.errors().len()));
         (u64::from(source::count_lines(&text)), n)
     })?;
     crate::arena::trim();

@@ -50,14 +50,11 @@ pub(super) fn removes_from_container(name: &str) -> bool {
 /// Parses `text` (the contents of `file`) and extracts its facts. Syntax
 /// errors are recorded and the recovered tree is still analysed.
 pub fn extract(file: &SourceFile, text: &str) -> FileFacts {
-    crate::arena::in_arena(
-        || ruff_python_parser::parse_unchecked_source(text, ast::PySourceType::Python),
-        |parsed| {
-            let mut facts = extract_parsed(file, text, parsed);
-            facts.detach(&|n: &Name| crate::arena::contains(n.as_str().as_ptr()));
-            facts
-        },
-    )
+    crate::arena::parse_python(text, |parsed| {
+        let mut facts = extract_parsed(file, text, parsed);
+        facts.detach(&|n: &Name| crate::arena::contains(n.as_str().as_ptr()));
+        facts
+    })
 }
 
 /// [`extract`] from the parsed tree.
