@@ -6,6 +6,7 @@
 //! synchronous project functions it calls.
 
 use pymedic_model::{Finding, Kind, Layer, Related, Severity};
+use rustc_hash::FxHashMap;
 use serde_json::json;
 
 use crate::facts::{AcquireVia, CallFact};
@@ -154,52 +155,63 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
     for &i in &coroutines {
         reached[i] = false;
     }
-    // Direct blocking in every reached function, by dense function index.
-    let mut blocks: Vec<Option<Block>> = vec![None; n];
-    let mut project_calls: Vec<Vec<(FnId, u32)>> = vec![Vec::new(); n];
-    for (i, (id, f)) in p.functions().enumerate() {
-        if !reached[i] {
-            continue;
-        }
-        for (c, callee) in f.calls.iter().zip(p.callees_of(i)) {
+    // Direct blocking in every reached function, by dense function index
+    // (maps over the few reached: arrays over every function were fresh
+    // memory, faulted in page by page).
+    let reached: Vec<usize> = (0..n).filter(|&i| reached[i]).collect();
+    let mut blocks: FxHashMap<usize, Block> = FxHashMap::default();
+    let mut project_calls: FxHashMap<usize, Vec<(FnId, u32)>> = FxHashMap::default();
+    for &i in &reached {
+        let id = p.fn_id(i);
+        for (c, callee) in p.function(id).calls.iter().zip(p.callees_of(i)) {
             match callee {
                 Callee::External(q) if !c.awaited => {
                     // The most severe blocking call of the function names it
                     // (`time.sleep` over the `open` before it).
                     if let Some((severity, fix)) = blocking_call(q)
-                        && blocks[i].as_ref().is_none_or(|b| severity > b.severity)
+                        && blocks.get(&i).is_none_or(|b| severity > b.severity)
                     {
-                        blocks[i] = Some(Block {
-                            what: q.to_string(),
-                            severity,
-                            fix,
-                            chain: vec![(id, c.line)],
-                        });
+                        blocks.insert(
+                            i,
+                            Block {
+                                what: q.to_string(),
+                                severity,
+                                fix,
+                                chain: vec![(id, c.line)],
+                            },
+                        );
                     }
                 }
-                Callee::Project(g) if !c.awaited && *g != id => project_calls[i].push((*g, c.line)),
+                Callee::Project(g) if !c.awaited && *g != id => {
+                    project_calls.entry(i).or_default().push((*g, c.line));
+                }
                 _ => {}
             }
         }
     }
-    // Through synchronous project callees.
-    let ids: Vec<FnId> = p.functions().map(|(id, _)| id).collect();
+    // Through synchronous project callees, in index order (a block found
+    // in a round is seen by the functions after it in the same round).
     for _ in 0..16 {
         let mut changed = false;
-        for (i, id) in ids.iter().enumerate() {
-            if blocks[i].is_some() || !reached[i] {
+        for &i in &reached {
+            if blocks.contains_key(&i) {
                 continue;
             }
-            let found = project_calls[i].iter().find_map(|(g, line)| {
-                let b = blocks[p.dense(*g)].as_ref()?;
-                (!p.function(*g).is_async && b.chain.len() < 8).then(|| {
-                    let mut chain = vec![(*id, *line)];
-                    chain.extend(b.chain.iter().copied());
-                    Block { chain, ..b.clone() }
-                })
-            });
-            if found.is_some() {
-                blocks[i] = found;
+            let id = p.fn_id(i);
+            let found = project_calls
+                .get(&i)
+                .into_iter()
+                .flatten()
+                .find_map(|(g, line)| {
+                    let b = blocks.get(&p.dense(*g))?;
+                    (!p.function(*g).is_async && b.chain.len() < 8).then(|| {
+                        let mut chain = vec![(id, *line)];
+                        chain.extend(b.chain.iter().copied());
+                        Block { chain, ..b.clone() }
+                    })
+                });
+            if let Some(b) = found {
+                blocks.insert(i, b);
                 changed = true;
             }
         }
@@ -208,10 +220,11 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
         }
     }
     let mut out = Vec::new();
-    for (i, (id, f)) in p.functions().enumerate() {
-        if !f.is_async {
-            continue;
-        }
+    // The coroutines again, by their list: a sweep of every function's
+    // facts for `is_async` is a cache miss per function.
+    for &i in &coroutines {
+        let id = p.fn_id(i);
+        let f = p.function(id);
         for (c, callee) in f.calls.iter().zip(p.callees_of(i)) {
             if c.awaited {
                 continue;
@@ -223,7 +236,7 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
                     fix,
                     chain: Vec::new(),
                 }),
-                Callee::Project(g) if !p.function(*g).is_async => blocks[p.dense(*g)].clone(),
+                Callee::Project(g) if !p.function(*g).is_async => blocks.get(&p.dense(*g)).cloned(),
                 _ => None,
             };
             if let Some(b) = block {

@@ -145,7 +145,16 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
     let defs = containers_among(p, &aliases);
     // Functions used as decorators run at import time: their adds register.
     let mut decorators: BTreeSet<FnId> = BTreeSet::new();
+    // Unbounded caches are found in the same sweep of every function (each
+    // sweep is a cache miss per function); reported last, as before.
+    let mut cached: Vec<(FnId, u32)> = Vec::new();
     for (id, f) in p.functions() {
+        if let Some(line) = f.unbounded_cache {
+            cached.push((id, line));
+        }
+        if f.decorators.is_empty() {
+            continue;
+        }
         let ctx = Ctx {
             file: id.file,
             func: f.parent.map(|x| x as u32),
@@ -280,10 +289,8 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
         f.related = related;
         out.push(f);
     }
-    for (id, f) in p.functions() {
-        let Some(line) = f.unbounded_cache else {
-            continue;
-        };
+    for (id, line) in cached {
+        let f = p.function(id);
         let method = f.class.is_some();
         let file = &p.files[id.file as usize].rel;
         let mut fd = finding(
