@@ -683,12 +683,26 @@ fn layout_matches_live_interpreters() {
                 tids.get(&ident)
             ));
         }
-        let frames = interp.frames(main).unwrap_or_default();
-        let top = frames.first().map(|f| (f.code.name.clone(), f.line));
+        // READY is printed on the line before the sleep: a busy machine can
+        // read the frame before the interpreter gets there, so the thread is
+        // read again (fresh thread states) until it sleeps, for 10 s at most.
         let want = (
             String::from("<module>"),
             marker("locks_layout.py", "SLEEP main") as u32,
         );
+        let started = std::time::Instant::now();
+        let top = loop {
+            let threads = interp.threads().unwrap_or_default();
+            let top = threads
+                .iter()
+                .find(|t| t.thread_id == ident)
+                .and_then(|t| interp.frames(t).ok())
+                .and_then(|frames| frames.first().map(|f| (f.code.name.clone(), f.line)));
+            if top.as_ref() == Some(&want) || started.elapsed() > Duration::from_secs(10) {
+                break top;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         if top.as_ref() != Some(&want) {
             errs.push(format!("top frame {top:?} != {want:?}"));
         }
