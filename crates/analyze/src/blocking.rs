@@ -158,11 +158,13 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
     // Direct blocking in every reached function, by dense function index
     // (maps over the few reached: arrays over every function were fresh
     // memory, faulted in page by page).
-    let reached: Vec<usize> = (0..n).filter(|&i| reached[i]).collect();
+    let reached: Vec<(usize, FnId)> = (0..n)
+        .filter(|&i| reached[i])
+        .map(|i| (i, p.fn_id(i)))
+        .collect();
     let mut blocks: FxHashMap<usize, Block> = FxHashMap::default();
     let mut project_calls: FxHashMap<usize, Vec<(FnId, u32)>> = FxHashMap::default();
-    for &i in &reached {
-        let id = p.fn_id(i);
+    for &(i, id) in &reached {
         for (c, callee) in p.function(id).calls.iter().zip(p.callees_of(i)) {
             match callee {
                 Callee::External(q) if !c.awaited => {
@@ -193,11 +195,10 @@ pub(crate) fn findings(p: &Program) -> Vec<Finding> {
     // in a round is seen by the functions after it in the same round).
     for _ in 0..16 {
         let mut changed = false;
-        for &i in &reached {
+        for &(i, id) in &reached {
             if blocks.contains_key(&i) {
                 continue;
             }
-            let id = p.fn_id(i);
             let found = project_calls
                 .get(&i)
                 .into_iter()
